@@ -1,0 +1,3 @@
+//! A fair, cancel-safe, resizable async semaphore.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
