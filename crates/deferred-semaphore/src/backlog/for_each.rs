@@ -1,0 +1,307 @@
+//! The future that drives a backlog: starts work, collects outcomes and feeds
+//! the consumer, all from one task.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures_core::{Stream, TryFuture};
+use futures_util::stream::FuturesUnordered;
+use futures_util::StreamExt;
+use pin_project_lite::pin_project;
+
+use super::buffer::OutcomeBuffer;
+use super::policy::{FailurePolicy, Outcome, Report, StopReason};
+use super::task::Task;
+use crate::limiter::Limiter;
+
+/// Rounds of the poll loop before the future yields to its executor, so that
+/// an endless source of instant work cannot starve other tasks.
+const ROUNDS_PER_POLL: usize = 64;
+
+pin_project! {
+    /// A future that processes a backlog and hands each outcome to a consumer,
+    /// returned by [`Backlog::for_each`](crate::Backlog::for_each).
+    ///
+    /// It resolves with a [`Report`] once the source has run out (or the
+    /// failure policy stopped it), every started item has finished and the
+    /// consumer has seen every outcome.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future drops the work still running (each item's work is
+    /// dropped before its permit is given back), the outcomes not yet handed
+    /// to the consumer, and the items not yet pulled, which stay in the
+    /// source. Items already pulled are lost with it.
+    #[must_use = "futures do nothing unless you `.await` or poll them"]
+    pub struct ForEach<L, S, F, C, Fut, CFut>
+    where
+        L: Limiter,
+        Fut: TryFuture,
+    {
+        limiter: L,
+        #[pin]
+        source: S,
+        work: F,
+        consumer: C,
+        #[pin]
+        acquiring: Option<L::Acquire>,
+        permit: Option<L::Permit>,
+        running: FuturesUnordered<Task<Fut, L::Permit>>,
+        outcomes: OutcomeBuffer<Fut::Ok, Fut::Error>,
+        #[pin]
+        consuming: Option<CFut>,
+        progress: Progress,
+    }
+}
+
+/// The bookkeeping of a running backlog that is not tied to its types.
+#[derive(Debug)]
+struct Progress {
+    policy: FailurePolicy,
+    buffer: Option<usize>,
+    next_index: u64,
+    source_done: bool,
+    stop_now: bool,
+    report: Report,
+}
+
+impl<L, S, F, C, Fut, CFut> fmt::Debug for ForEach<L, S, F, C, Fut, CFut>
+where
+    L: Limiter,
+    Fut: TryFuture,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ForEach")
+            .field("running", &self.running.len())
+            .field("next_index", &self.progress.next_index)
+            .field("source_done", &self.progress.source_done)
+            .field("report", &self.progress.report)
+            .finish()
+    }
+}
+
+impl<L, S, F, C, Fut, CFut> ForEach<L, S, F, C, Fut, CFut>
+where
+    L: Limiter,
+    Fut: TryFuture,
+{
+    pub(crate) fn new(
+        parts: (L, S, F, C),
+        policy: FailurePolicy,
+        input_order: bool,
+        buffer: Option<usize>,
+    ) -> Self {
+        let (limiter, source, work, consumer) = parts;
+        ForEach {
+            limiter,
+            source,
+            work,
+            consumer,
+            acquiring: None,
+            permit: None,
+            running: FuturesUnordered::new(),
+            outcomes: OutcomeBuffer::new(input_order),
+            consuming: None,
+            progress: Progress {
+                policy,
+                buffer,
+                next_index: 0,
+                source_done: false,
+                stop_now: false,
+                report: Report::default(),
+            },
+        }
+    }
+}
+
+impl Progress {
+    fn stopping(&self) -> bool {
+        self.report.stopped.is_some()
+    }
+
+    /// Counts one finished item and applies the failure policy.
+    fn record<T, E>(&mut self, result: &Result<T, E>) {
+        match result {
+            Ok(_) => self.report.succeeded += 1,
+            Err(_) => self.report.failed += 1,
+        }
+        let (threshold, now) = match self.policy {
+            FailurePolicy::KeepGoing => return,
+            FailurePolicy::StopSoon(threshold) => (threshold, false),
+            FailurePolicy::StopNow(threshold) => (threshold, true),
+        };
+        let finished = self.report.succeeded + self.report.failed;
+        if self.stopping() || !threshold.reached(self.report.failed, finished) {
+            return;
+        }
+        self.report.stopped = Some(StopReason::Failures);
+        self.stop_now = now;
+    }
+}
+
+impl<L, S, F, C, Fut, CFut> Future for ForEach<L, S, F, C, Fut, CFut>
+where
+    L: Limiter,
+    S: Stream,
+    F: FnMut(S::Item) -> Fut,
+    Fut: TryFuture,
+    C: FnMut(Outcome<Fut::Ok, Fut::Error>) -> CFut,
+    CFut: Future<Output = ()>,
+{
+    type Output = Report;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Report> {
+        let mut this = self.project();
+        for _ in 0..ROUNDS_PER_POLL {
+            let mut progressed = false;
+
+            // Step 1: let the consumer finish the outcome it holds.
+            if let Some(consuming) = this.consuming.as_mut().as_pin_mut() {
+                if consuming.poll(cx).is_ready() {
+                    this.consuming.set(None);
+                    progressed = true;
+                }
+            }
+
+            // Step 2: collect finished work. This runs whether or not the
+            // consumer is busy, so slow consumers never stall running work.
+            while let Poll::Ready(Some((index, result))) = this.running.poll_next_unpin(cx) {
+                this.progress.record(&result);
+                this.outcomes.finished(Outcome { index, result });
+                progressed = true;
+            }
+
+            // Step 3: cancel running work once the policy says stop now.
+            if this.progress.stop_now && !this.running.is_empty() {
+                cancel_running(this.running, this.outcomes, &mut this.progress.report);
+                progressed = true;
+            }
+
+            // Step 4: start new work while permits, items and room allow.
+            progressed |= start_work(
+                this.limiter,
+                this.source.as_mut(),
+                this.work,
+                this.acquiring.as_mut(),
+                this.permit,
+                this.running,
+                this.outcomes,
+                this.progress,
+                cx,
+            );
+
+            // Step 5: hand the next outcome to the consumer.
+            if this.consuming.is_none() {
+                if let Some(outcome) = this.outcomes.pop() {
+                    this.consuming.set(Some((this.consumer)(outcome)));
+                    continue;
+                }
+            }
+
+            // Step 6: finish once nothing is left to start, run or consume.
+            let no_more_work = this.progress.source_done || this.progress.stopping();
+            let drained = this.running.is_empty() && this.outcomes.is_empty();
+            if no_more_work && drained && this.consuming.is_none() {
+                this.acquiring.set(None);
+                this.permit.take();
+                return Poll::Ready(std::mem::take(&mut this.progress.report));
+            }
+            if !progressed {
+                return Poll::Pending;
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+fn cancel_running<Fut: TryFuture, P>(
+    running: &mut FuturesUnordered<Task<Fut, P>>,
+    outcomes: &mut OutcomeBuffer<Fut::Ok, Fut::Error>,
+    report: &mut Report,
+) {
+    let first = report.cancelled.len();
+    let tasks = Pin::new(&*running).iter_pin_ref();
+    report.cancelled.extend(tasks.map(|task| task.index()));
+    report.cancelled[first..].sort_unstable();
+    for &index in &report.cancelled[first..] {
+        outcomes.cancelled(index);
+    }
+    running.clear();
+}
+
+/// Pulls items and starts their work, one permit per item. Returns whether
+/// anything changed.
+#[allow(clippy::too_many_arguments)] // The projected fields of one future.
+fn start_work<L, S, F, Fut>(
+    limiter: &L,
+    mut source: Pin<&mut S>,
+    work: &mut F,
+    mut acquiring: Pin<&mut Option<L::Acquire>>,
+    permit_slot: &mut Option<L::Permit>,
+    running: &mut FuturesUnordered<Task<Fut, L::Permit>>,
+    outcomes: &mut OutcomeBuffer<Fut::Ok, Fut::Error>,
+    progress: &mut Progress,
+    cx: &mut Context<'_>,
+) -> bool
+where
+    L: Limiter,
+    S: Stream,
+    F: FnMut(S::Item) -> Fut,
+    Fut: TryFuture,
+{
+    let mut progressed = false;
+    loop {
+        if progress.source_done || progress.stopping() {
+            acquiring.set(None);
+            permit_slot.take();
+            return progressed;
+        }
+        let capacity = progress.buffer.unwrap_or(2 * limiter.limit()).max(1);
+        if outcomes.occupied(running.len()) >= capacity {
+            return progressed;
+        }
+
+        // A permit first, so that an item is only pulled once it can run.
+        let permit = match permit_slot.take() {
+            Some(permit) => permit,
+            None => {
+                if acquiring.is_none() {
+                    acquiring.set(Some(limiter.acquire()));
+                }
+                let polled = acquiring.as_mut().as_pin_mut().map(|f| f.poll(cx));
+                match polled {
+                    Some(Poll::Ready(Ok(permit))) => {
+                        acquiring.set(None);
+                        permit
+                    }
+                    Some(Poll::Ready(Err(error))) => {
+                        acquiring.set(None);
+                        progress.report.stopped = Some(StopReason::Limiter(Box::new(error)));
+                        return true;
+                    }
+                    _ => return progressed,
+                }
+            }
+        };
+
+        match source.as_mut().poll_next(cx) {
+            Poll::Ready(Some(item)) => {
+                let index = progress.next_index;
+                progress.next_index += 1;
+                progress.report.started += 1;
+                outcomes.started();
+                running.push(Task::new(work(item), permit, index));
+                progress.report.max_running = progress.report.max_running.max(running.len());
+            }
+            Poll::Ready(None) => progress.source_done = true,
+            Poll::Pending => {
+                *permit_slot = Some(permit);
+                return progressed;
+            }
+        }
+        progressed = true;
+    }
+}

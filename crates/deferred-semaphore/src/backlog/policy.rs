@@ -1,0 +1,99 @@
+//! What backlog processing reports: outcomes, the failure policy and the
+//! final report.
+
+use std::error::Error;
+use std::fmt;
+use std::num::NonZeroU64;
+
+/// The outcome of one item's work, tagged with the item's position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome<T, E> {
+    /// The item's 0-based position in the source.
+    pub index: u64,
+    /// What the work returned.
+    pub result: Result<T, E>,
+}
+
+/// When backlog processing stops early because items failed.
+///
+/// GNU parallel calls this `--halt`.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum FailurePolicy {
+    /// Runs every item whatever fails.
+    #[default]
+    KeepGoing,
+    /// Once the threshold is reached, starts nothing new and lets running
+    /// work finish.
+    StopSoon(Threshold),
+    /// Once the threshold is reached, cancels running work by dropping it.
+    StopNow(Threshold),
+}
+
+/// How many failures trigger a [`FailurePolicy`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Threshold {
+    /// After this many failed items.
+    Failures(NonZeroU64),
+    /// Once at least `min_finished` items have finished and this percentage
+    /// of them failed.
+    Percent {
+        /// The share of finished items that failed, from 0 to 100.
+        percent: f64,
+        /// Finished items needed before the share counts, so that one early
+        /// failure does not stop a large backlog.
+        min_finished: u64,
+    },
+}
+
+impl Threshold {
+    pub(crate) fn reached(&self, failed: u64, finished: u64) -> bool {
+        match *self {
+            Threshold::Failures(n) => failed >= n.get(),
+            Threshold::Percent {
+                percent,
+                min_finished,
+            } => {
+                finished >= min_finished.max(1)
+                    && failed as f64 * 100.0 >= percent * finished as f64
+            }
+        }
+    }
+}
+
+/// Why backlog processing stopped before the source ran out.
+#[derive(Debug)]
+pub enum StopReason {
+    /// The failure policy's threshold was reached.
+    Failures,
+    /// The limiter failed to grant a permit, for example because it was
+    /// closed.
+    Limiter(Box<dyn Error + Send + Sync>),
+}
+
+impl fmt::Display for StopReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StopReason::Failures => f.write_str("too many items failed"),
+            StopReason::Limiter(error) => write!(f, "the limiter failed: {error}"),
+        }
+    }
+}
+
+/// Counts of what happened to the items of a finished backlog.
+#[derive(Debug, Default)]
+#[non_exhaustive]
+pub struct Report {
+    /// Items whose work started.
+    pub started: u64,
+    /// Items whose work returned `Ok`.
+    pub succeeded: u64,
+    /// Items whose work returned `Err`.
+    pub failed: u64,
+    /// Positions of items whose running work was cancelled by
+    /// [`FailurePolicy::StopNow`], in input order.
+    pub cancelled: Vec<u64>,
+    /// Why processing stopped early, if it did.
+    pub stopped: Option<StopReason>,
+    /// The most items whose work ran at the same moment.
+    pub max_running: usize,
+}

@@ -1,0 +1,95 @@
+//! The seam between backlog processing and whatever hands out permits.
+
+use std::future::Future;
+
+use crate::acquire::AcquireOwned;
+use crate::error::AcquireError;
+use crate::permit::OwnedPermit;
+use crate::semaphore::DeferredSemaphore;
+
+/// Hands out permits that bound how much work runs at once.
+///
+/// [`Backlog`](crate::Backlog) asks its limiter for a permit before it pulls
+/// each item, and drops the permit when that item's work ends. A
+/// [`DeferredSemaphore`] is a limiter; so is anything else that can grant and
+/// take back permits (a count per key, a rate, a count shared through a
+/// server), and all of them plug into the same backlog processing.
+///
+/// # Examples
+///
+/// ```
+/// use deferred_semaphore::{DeferredSemaphore, Limiter};
+///
+/// # futures::executor::block_on(async {
+/// let sem = DeferredSemaphore::new(2);
+/// let permit = Limiter::acquire(&sem).await.unwrap();
+/// assert_eq!(Limiter::limit(&sem), 2);
+/// # drop(permit);
+/// # });
+/// ```
+pub trait Limiter {
+    /// A grant of one unit of work; dropping it gives the grant back.
+    type Permit;
+
+    /// Why a permit could not be granted.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// The future returned by [`acquire`](Limiter::acquire).
+    type Acquire: Future<Output = Result<Self::Permit, Self::Error>>;
+
+    /// Waits for a permit for one unit of work.
+    ///
+    /// # Cancel safety
+    ///
+    /// Implementations must be cancel safe: dropping the future must lose no
+    /// permit.
+    fn acquire(&self) -> Self::Acquire;
+
+    /// Returns the most units of work the limiter lets run at once now.
+    ///
+    /// Backlog processing sizes its buffers from it, so memory follows the
+    /// limit and not the length of the backlog.
+    fn limit(&self) -> usize;
+}
+
+impl Limiter for DeferredSemaphore {
+    type Permit = OwnedPermit;
+    type Error = AcquireError;
+    type Acquire = AcquireOwned;
+
+    fn acquire(&self) -> AcquireOwned {
+        self.acquire_owned()
+    }
+
+    fn limit(&self) -> usize {
+        DeferredSemaphore::limit(self)
+    }
+}
+
+impl<L: Limiter + ?Sized> Limiter for &L {
+    type Permit = L::Permit;
+    type Error = L::Error;
+    type Acquire = L::Acquire;
+
+    fn acquire(&self) -> L::Acquire {
+        (**self).acquire()
+    }
+
+    fn limit(&self) -> usize {
+        (**self).limit()
+    }
+}
+
+impl<L: Limiter + ?Sized> Limiter for std::sync::Arc<L> {
+    type Permit = L::Permit;
+    type Error = L::Error;
+    type Acquire = L::Acquire;
+
+    fn acquire(&self) -> L::Acquire {
+        (**self).acquire()
+    }
+
+    fn limit(&self) -> usize {
+        (**self).limit()
+    }
+}
