@@ -46,6 +46,7 @@ mod backlog;
 mod core;
 mod error;
 mod limiter;
+mod list;
 mod lock;
 mod permit;
 mod run;
@@ -58,6 +59,10 @@ pub use acquire::{Acquire, AcquireOwned};
 pub use backlog::{Backlog, FailurePolicy, ForEach, Outcome, Report, StopReason, Threshold};
 pub use error::{AcquireError, LimitError, TryAcquireError};
 pub use limiter::Limiter;
+pub use list::{
+    gather_results, DeferredList, FireError, FireOnOneCallback, FireOnOneErrback, FirstError,
+    FirstSuccess, Gather, Rest,
+};
 pub use lock::DeferredLock;
 pub use permit::{OwnedPermit, Permit};
 pub use run::Run;
