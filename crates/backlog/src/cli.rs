@@ -43,7 +43,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE")]
     pub results: Option<PathBuf>,
 
-    /// Sets the file to read items from, one per line; `-` reads standard input.
+    /// Sets the file to read items from, one per line. `-` reads standard input.
     #[arg(value_name = "INPUT")]
     pub input: PathBuf,
 

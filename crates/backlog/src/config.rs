@@ -15,9 +15,9 @@ use crate::template::Template;
 /// Everything a run needs, checked before any item is read.
 #[derive(Debug)]
 pub struct Config {
-    /// The file to read items from; `-` is standard input.
+    /// The file to read items from, where `-` means standard input.
     pub input: PathBuf,
-    /// How lines become items.
+    /// The format that turns lines into items.
     pub format: Format,
     /// The maximum number of commands running at once.
     pub max_run: NonZeroUsize,
@@ -49,7 +49,7 @@ impl Config {
         let max_run = usize::try_from(args.max_run)
             .ok()
             .and_then(NonZeroUsize::new)
-            .context("--max-run is out of range")?;
+            .context("--max-run does not fit in this platform's address size")?;
         Ok(Config {
             input: args.input,
             format,
@@ -70,7 +70,7 @@ fn check_program(program: &str) -> anyhow::Result<()> {
             bail!("command '{program}' not found: no such file");
         }
         if !is_executable(path) {
-            bail!("command '{program}' is not executable. Check its permissions");
+            bail!("command '{program}' is not executable. Run `chmod +x {program}` or name another program");
         }
         return Ok(());
     }

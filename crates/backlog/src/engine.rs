@@ -25,7 +25,7 @@ use crate::template::{self, Template};
 /// How often the progress bar's running count is redrawn.
 const REFRESH_INTERVAL: Duration = Duration::from_millis(100);
 
-/// Where the outcomes of items go.
+/// The destinations of each item's outcome.
 #[derive(Debug)]
 pub struct Sinks<W, F: Write> {
     /// Receives each command's standard output, one item at a time.
@@ -196,8 +196,8 @@ fn job_for(item: &Item, template: &Template) -> Result<Job, String> {
     Ok(Job { argv, stdin })
 }
 
-/// Sends one outcome to the sinks; after the first failure to write, later
-/// outcomes are dropped, because the run is being stopped.
+/// Sends one outcome to the sinks. After the first failed write, later
+/// outcomes are dropped because the run is stopping.
 async fn consume<W, F>(
     outcome: Outcome<Finished, Finished>,
     state: &Mutex<SinkState<'_, W, F>>,

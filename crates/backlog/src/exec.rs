@@ -28,7 +28,7 @@ pub struct Job {
     pub stdin: Vec<u8>,
 }
 
-/// What running one item produced.
+/// The outcome of running one item's command.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ItemResult {
     /// The exit code, or `None` when no process ran or a signal ended it.
@@ -42,8 +42,8 @@ pub struct ItemResult {
     pub stderr_tail: Vec<String>,
     /// Everything the command wrote to its standard output.
     pub stdout: Vec<u8>,
-    /// Why the item failed without an exit status, for example because the
-    /// command could not start.
+    /// The reason the item failed without an exit status, for example
+    /// because the command could not start.
     pub error: Option<String>,
 }
 
@@ -54,7 +54,7 @@ pub struct Gauge {
     max: AtomicUsize,
 }
 
-/// Marks one running command; dropping it counts the command as exited.
+/// Marks one running command until the guard is dropped.
 #[derive(Debug)]
 #[must_use = "the command counts as exited once the guard is dropped"]
 pub struct GaugeGuard<'a> {
@@ -63,7 +63,7 @@ pub struct GaugeGuard<'a> {
 
 /// Runs the command of one item.
 pub trait Runner {
-    /// Runs `job` to completion; failures are reported in the result.
+    /// Runs `job` to completion and reports any failure in the result.
     fn run(&self, job: Job) -> impl Future<Output = ItemResult>;
 
     /// Returns the counter of commands running at once.
@@ -254,8 +254,8 @@ fn last_lines(bytes: &[u8], count: usize) -> Vec<String> {
     lines[first..].iter().map(|line| line.to_string()).collect()
 }
 
-/// A runner that answers from a function after a delay, for tests that need
-/// no real processes.
+/// A runner that returns a result from a function after a delay, for tests
+/// that need no real processes.
 #[cfg(test)]
 #[derive(Debug)]
 pub struct MockRunner<F> {

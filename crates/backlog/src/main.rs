@@ -25,7 +25,7 @@ use crate::config::Config;
 enum Status {
     /// Every item succeeded, or the reader of stdout went away.
     Success = 0,
-    /// At least one item failed; the others still ran.
+    /// At least one item failed, and the others still ran.
     ItemsFailed = 1,
     /// The arguments were invalid or the run could not go on. Clap uses the
     /// same status for usage errors.
@@ -52,8 +52,8 @@ fn run() -> anyhow::Result<ExitCode> {
         .build()
         .context("cannot start the async runtime")?;
     let summary = runtime.block_on(engine::run(&config));
-    // Reading standard input happens on a blocking thread that may still be
-    // waiting for a line; waiting for it here would hang the exit.
+    // Tokio reads standard input on a blocking thread that may still be
+    // waiting for a line, and waiting for that thread would hang the exit.
     runtime.shutdown_background();
     let status = if summary?.all_succeeded() {
         Status::Success

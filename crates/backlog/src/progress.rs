@@ -1,5 +1,5 @@
-//! What the user sees on stderr while the backlog runs, and the summary at
-//! the end.
+//! The progress display on stderr while the backlog runs, and the summary
+//! at the end.
 
 use std::fmt;
 use std::io::Write;
@@ -52,7 +52,7 @@ pub struct Summary {
 pub struct Failure {
     /// The 1-based line number of the item.
     pub line: u64,
-    /// Why it failed.
+    /// The reason it failed.
     pub reason: String,
 }
 

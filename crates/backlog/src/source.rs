@@ -12,8 +12,8 @@ use futures_util::stream::{self, Stream};
 use serde_json::Value;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
 
-/// The longest line accepted as an item, in bytes, not counting the line
-/// ending.
+/// The maximum length of a line accepted as an item, in bytes, not counting
+/// the line ending.
 pub const MAX_LINE_BYTES: usize = 1024 * 1024;
 
 /// How many bytes of an over-long line are kept to show in its failure.
@@ -22,7 +22,7 @@ const OVER_LONG_PREFIX_BYTES: usize = 256;
 /// The buffer size for reading input, in bytes.
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 
-/// How the lines of the input are turned into items.
+/// The format that turns lines of input into items.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     /// Each non-empty line is an item of text.
@@ -51,9 +51,9 @@ pub enum ItemKind {
     Json(Value),
     /// A line that cannot be an item, with the reason.
     Malformed {
-        /// The line as lossy UTF-8; only its start for an over-long line.
+        /// The line as lossy UTF-8, or only its start for an over-long line.
         raw: String,
-        /// Why the line is not an item.
+        /// The reason the line is not an item.
         reason: String,
     },
 }

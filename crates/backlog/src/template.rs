@@ -35,7 +35,7 @@ pub struct FieldNotFound {
 }
 
 impl Template {
-    /// Parses every argument; `fields` enables `{name}` placeholders, which
+    /// Parses every argument. `fields` enables `{name}` placeholders, which
     /// only JSON items can fill.
     pub fn parse(argv: &[String], fields: bool) -> Self {
         let args = argv.iter().map(|arg| parse_arg(arg, fields)).collect();

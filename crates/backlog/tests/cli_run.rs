@@ -350,7 +350,7 @@ fn run_keeps_other_braces() {
 
 #[test]
 fn run_groups_stdout_per_item() {
-    // Each item writes two halves with a pause between them; with four
+    // Each item writes two halves with a pause between them. With four
     // running at once, ungrouped output would interleave the halves.
     let script = r#"printf '%s-start ' "$1"; sleep 0.1; printf '%s-end\n' "$1""#;
     let output = backlog()
@@ -451,6 +451,7 @@ fn run_closed_stdout_exits_zero() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+
     let items: String = (0..20_000).map(|n| format!("{n}\n")).collect();
     let mut stdin = child.stdin.take().unwrap();
     let writer = std::thread::spawn(move || {
@@ -458,6 +459,8 @@ fn run_closed_stdout_exits_zero() {
         // The command may stop reading once its stdout is gone.
         let _ = stdin.write_all(items.as_bytes());
     });
+
+    // Read a little output, then close the pipe while items still run.
     let mut first = [0u8; 2];
     child
         .stdout
@@ -468,6 +471,7 @@ fn run_closed_stdout_exits_zero() {
     drop(child.stdout.take());
     let status = child.wait().unwrap();
     writer.join().unwrap();
+
     let mut stderr = String::new();
     child.stderr.unwrap().read_to_string(&mut stderr).unwrap();
     assert_eq!(status.code(), Some(0), "{stderr}");
