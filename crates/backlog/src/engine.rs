@@ -303,32 +303,25 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn process_fails_malformed_without_running() {
-        let mut items = text_items(&["10", "10"]);
-        items.insert(
-            1,
-            Item {
-                index: 1,
-                line: 2,
-                kind: ItemKind::Malformed {
-                    raw: "x".to_owned(),
-                    reason: "invalid UTF-8".to_owned(),
-                },
-            },
-        );
-        items[2].index = 2;
-        items[2].line = 3;
+        let mut items = text_items(&["10", "malformed", "10"]);
+        items[1].kind = ItemKind::Malformed {
+            raw: "x".to_owned(),
+            reason: "invalid UTF-8".to_owned(),
+        };
         let template = Template::parse(&["sleep".to_owned(), "{}".to_owned()], false);
         let runner = MockRunner::new(sleep_and_echo);
-        let max_run = NonZeroUsize::MIN;
         let items = stream::iter(items);
-        let summary = process(&template, max_run, &runner, items, &mut sinks())
+        let summary = process(&template, NonZeroUsize::MIN, &runner, items, &mut sinks())
             .await
             .unwrap();
+
         assert_eq!(
             (summary.succeeded, summary.failed, summary.malformed),
             (2, 1, 1)
         );
+        assert_eq!(summary.failures[0].line, 2);
         assert_eq!(summary.failures[0].reason, "invalid UTF-8");
+        // Only the two good items slept: the malformed one ran nothing.
         assert_eq!(summary.wall_time, Duration::from_millis(20));
     }
 

@@ -336,6 +336,31 @@ mod tests {
         assert_eq!((items[3].index, items[3].line), (3, 5));
     }
 
+    /// A reader whose every read fails.
+    struct FailingReader;
+
+    impl tokio::io::AsyncRead for FailingReader {
+        fn poll_read(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Err(io::Error::other("disk on fire")))
+        }
+    }
+
+    #[tokio::test]
+    async fn read_error_ends_stream_and_is_kept() {
+        use tokio::io::AsyncReadExt;
+
+        let reader = BufReader::new((b"a\nb\n" as &[u8]).chain(FailingReader));
+        let (stream, failure) = items(reader, Format::Lines);
+        let items: Vec<Item> = stream.collect().await;
+        assert_eq!(items.len(), 2);
+        let error = failure.take().expect("the read error is kept");
+        assert_eq!(error.to_string(), "disk on fire");
+    }
+
     #[tokio::test]
     async fn read_json_malformed_keeps_raw_line() {
         let items = read_all(b"not json\n", Format::JsonLines).await;

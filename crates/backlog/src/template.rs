@@ -129,6 +129,10 @@ fn render_arg(segments: &[Segment], item: &ItemKind) -> Result<String, FieldNotF
 }
 
 /// Returns the text that `{}` and standard input get for an item.
+///
+/// NOTE: a JSON item is re-serialised with its keys sorted, because
+/// serde_json's `preserve_order` feature is not enabled. Enabling it (it adds
+/// the `indexmap` crate) would keep the order of the input line.
 pub fn item_text(item: &ItemKind) -> String {
     match item {
         ItemKind::Text(line) => line.clone(),
