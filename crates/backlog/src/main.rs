@@ -1,1 +1,74 @@
-fn main() {}
+//! `backlog`: works through a backlog of items, running a command for each
+//! with at most N at once, and reports every item's outcome.
+
+mod cli;
+mod config;
+mod engine;
+mod exec;
+mod progress;
+mod results;
+mod source;
+mod template;
+
+use std::io;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+
+use crate::cli::{Cli, Command};
+use crate::config::Config;
+
+/// The exit statuses of `backlog`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Status {
+    /// Every item succeeded, or the reader of stdout went away.
+    Success = 0,
+    /// At least one item failed, and the others still ran.
+    ItemsFailed = 1,
+    /// The arguments were invalid or the run could not go on. Clap uses the
+    /// same status for usage errors.
+    Fatal = 2,
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(error) if is_broken_pipe(&error) => ExitCode::from(Status::Success as u8),
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(Status::Fatal as u8)
+        }
+    }
+}
+
+/// Parses the arguments and runs the subcommand.
+fn run() -> anyhow::Result<ExitCode> {
+    let Command::Run(args) = Cli::parse().command;
+    let config = Config::from_args(args)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let summary = runtime.block_on(engine::run(&config));
+    // Tokio reads standard input on a blocking thread that may still be
+    // waiting for a line, and waiting for that thread would hang the exit.
+    runtime.shutdown_background();
+    let status = if summary?.all_succeeded() {
+        Status::Success
+    } else {
+        Status::ItemsFailed
+    };
+    Ok(ExitCode::from(status as u8))
+}
+
+/// Returns whether the error comes from writing to a closed pipe, which
+/// means that the reader of our output has gone, as with `backlog ... | head`.
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<io::Error>()
+            .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+    })
+}

@@ -1,0 +1,64 @@
+//! Raw command-line arguments, as clap parses them.
+
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// The values `--max-run` accepts.
+pub const MAX_RUN_RANGE: RangeInclusive<u64> = 1..=1_000_000;
+
+/// Works through a backlog of items, running a command for each under limits.
+#[derive(Debug, Parser)]
+#[command(name = "backlog", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands of `backlog`.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Runs COMMAND once per item of INPUT, at most --max-run at once.
+    ///
+    /// In COMMAND and ARGS, `{}` becomes the item. With --jsonl, `{field}`
+    /// becomes that field of the item and `{a.b}` a nested field. `{{` and
+    /// `}}` write literal braces. The item is also written to the command's
+    /// standard input.
+    Run(RunArgs),
+}
+
+/// The arguments of `backlog run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Sets the maximum number of commands running at once.
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = parse_max_run)]
+    pub max_run: u64,
+
+    /// Reads each line as one JSON object instead of plain text.
+    #[arg(long)]
+    pub jsonl: bool,
+
+    /// Appends one JSON line per finished item to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub results: Option<PathBuf>,
+
+    /// Sets the file to read items from, one per line. `-` reads standard input.
+    #[arg(value_name = "INPUT")]
+    pub input: PathBuf,
+
+    /// Sets the command to run per item, with its arguments, after `--`.
+    #[arg(value_name = "COMMAND", last = true, required = true, num_args = 1..)]
+    pub command: Vec<String>,
+}
+
+/// Parses `--max-run`, naming the valid range for a non-number as well as
+/// for a number out of range, which clap's ranged parser does not do.
+fn parse_max_run(value: &str) -> Result<u64, String> {
+    let (min, max) = (MAX_RUN_RANGE.start(), MAX_RUN_RANGE.end());
+    match value.parse::<u64>() {
+        Ok(n) if MAX_RUN_RANGE.contains(&n) => Ok(n),
+        Ok(_) => Err(format!("must be between {min} and {max}")),
+        Err(_) => Err(format!("must be a whole number between {min} and {max}")),
+    }
+}

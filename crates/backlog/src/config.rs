@@ -1,0 +1,88 @@
+//! The validated configuration of a run, built from the raw arguments.
+
+use std::env;
+use std::io::IsTerminal;
+use std::num::NonZeroUsize;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+
+use crate::cli::RunArgs;
+use crate::source::Format;
+use crate::template::Template;
+
+/// Everything a run needs, checked before any item is read.
+#[derive(Debug)]
+pub struct Config {
+    /// The file to read items from, where `-` means standard input.
+    pub input: PathBuf,
+    /// The format that turns lines into items.
+    pub format: Format,
+    /// The maximum number of commands running at once.
+    pub max_run: NonZeroUsize,
+    /// The file that receives one JSON line per finished item.
+    pub results: Option<PathBuf>,
+    /// The command line with its placeholders.
+    pub template: Template,
+    /// Whether to draw a progress bar, because stderr is a terminal.
+    pub progress_bar: bool,
+}
+
+impl Config {
+    /// Validates the arguments of `backlog run`.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the command's program is not found, so that a typo fails
+    /// once instead of once per item.
+    pub fn from_args(args: RunArgs) -> anyhow::Result<Self> {
+        let format = if args.jsonl {
+            Format::JsonLines
+        } else {
+            Format::Lines
+        };
+        let template = Template::parse(&args.command, format == Format::JsonLines);
+        if let Some(program) = template.fixed_program() {
+            check_program(program)?;
+        }
+        let max_run = usize::try_from(args.max_run)
+            .ok()
+            .and_then(NonZeroUsize::new)
+            .context("--max-run does not fit in this platform's address size")?;
+        Ok(Config {
+            input: args.input,
+            format,
+            max_run,
+            results: args.results,
+            template,
+            progress_bar: std::io::stderr().is_terminal(),
+        })
+    }
+}
+
+/// Checks that `program` names an executable file, either as a path or
+/// through `PATH`, as the operating system will look it up.
+fn check_program(program: &str) -> anyhow::Result<()> {
+    if program.contains('/') {
+        let path = Path::new(program);
+        if !path.is_file() {
+            bail!("command '{program}' not found: no such file");
+        }
+        if !is_executable(path) {
+            bail!("command '{program}' is not executable. Run `chmod +x {program}` or name another program");
+        }
+        return Ok(());
+    }
+    let search_path = env::var_os("PATH").unwrap_or_default();
+    let found = env::split_paths(&search_path).any(|dir| is_executable(&dir.join(program)));
+    if !found {
+        bail!("command '{program}' not found in PATH. Install it or give its full path");
+    }
+    Ok(())
+}
+
+fn is_executable(path: &Path) -> bool {
+    path.metadata()
+        .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+}

@@ -1,0 +1,352 @@
+//! The glue: items flow through the library's backlog processing under a
+//! `DeferredSemaphore`, each runs through a `Runner`, and each outcome goes
+//! to stdout, the results file and the progress display as it finishes.
+
+use std::future::Future;
+use std::io::Write;
+use std::num::NonZeroUsize;
+use std::pin::pin;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use deferred_semaphore::{Backlog, DeferredSemaphore, Outcome, Report};
+use futures_util::Stream;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Mutex, Notify};
+use tokio::time::MissedTickBehavior;
+
+use crate::config::Config;
+use crate::exec::{Gauge, ItemResult, Job, ProcessRunner, Runner};
+use crate::progress::{Progress, Summary};
+use crate::results::ResultsWriter;
+use crate::source::{self, Item, ItemKind};
+use crate::template::{self, Template};
+
+/// How often the progress bar's running count is redrawn.
+const REFRESH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The destinations of each item's outcome.
+#[derive(Debug)]
+pub struct Sinks<W, F: Write> {
+    /// Receives each command's standard output, one item at a time.
+    pub stdout: W,
+    /// Receives one JSON line per item, if a results file was requested.
+    pub results: Option<ResultsWriter<F>>,
+    /// Shows progress and gathers the summary.
+    pub progress: Progress,
+}
+
+/// An item together with what running it produced.
+#[derive(Debug)]
+struct Finished {
+    item: Item,
+    result: ItemResult,
+}
+
+/// The sinks, and the first error that made writing to them impossible.
+#[derive(Debug)]
+struct SinkState<'a, W, F: Write> {
+    sinks: &'a mut Sinks<W, F>,
+    fatal: Option<anyhow::Error>,
+}
+
+/// Runs the backlog that `config` describes with real processes, then
+/// prints the summary to stderr.
+///
+/// # Errors
+///
+/// Fails when the input or results file cannot be opened, when writing
+/// stdout or the results file fails, and when reading the input fails.
+pub async fn run(config: &Config) -> anyhow::Result<Summary> {
+    let reader = source::open(&config.input)
+        .await
+        .with_context(|| format!("cannot open input file '{}'", config.input.display()))?;
+    let results = match &config.results {
+        Some(path) => Some(
+            ResultsWriter::append_to(path)
+                .with_context(|| format!("cannot open results file '{}'", path.display()))?,
+        ),
+        None => None,
+    };
+    let progress = if config.progress_bar {
+        Progress::bar()
+    } else {
+        Progress::log(Box::new(std::io::stderr()))
+    };
+
+    let (items, read_failure) = source::items(reader, config.format);
+    let stdout = tokio::io::stdout();
+    let mut sinks = Sinks {
+        stdout,
+        results,
+        progress,
+    };
+    let runner = ProcessRunner::default();
+    let summary = process(&config.template, config.max_run, &runner, items, &mut sinks).await?;
+    eprintln!("{summary}");
+
+    if let Some(error) = read_failure.take() {
+        return Err(error)
+            .context("failed to read the input, so items after the error did not run");
+    }
+    Ok(summary)
+}
+
+/// Runs every item of `items` through `runner`, at most `max_run` at once,
+/// and sends each outcome to `sinks`.
+///
+/// Malformed items and items with a missing field take the same path as the
+/// others, so that they are counted and recorded in order, but fail at once
+/// without running anything.
+///
+/// # Errors
+///
+/// Fails, cancelling the items still running, once writing to stdout or to
+/// the results file fails.
+pub async fn process<R, S, W, F>(
+    template: &Template,
+    max_run: NonZeroUsize,
+    runner: &R,
+    items: S,
+    sinks: &mut Sinks<W, F>,
+) -> anyhow::Result<Summary>
+where
+    R: Runner,
+    S: Stream<Item = Item>,
+    W: AsyncWrite + Unpin,
+    F: Write,
+{
+    let limiter = DeferredSemaphore::new(max_run.get());
+    let state = Mutex::new(SinkState { sinks, fatal: None });
+    let sink_failed = Notify::new();
+    let (state_ref, failed_ref, gauge) = (&state, &sink_failed, runner.gauge());
+
+    let work = move |item: Item| run_item(item, template, runner);
+    let consumer = move |outcome| consume(outcome, state_ref, failed_ref, gauge);
+    let backlog = Backlog::from_stream(&limiter, items, work).for_each(consumer);
+    let report = drive(backlog, &state, &sink_failed, gauge).await?;
+    if let Some(reason) = report.stopped {
+        bail!("the backlog stopped early: {reason}");
+    }
+
+    let state = state.into_inner();
+    Ok(state.sinks.progress.finish(gauge.max()))
+}
+
+/// Polls the backlog to its end while redrawing progress, and gives up at
+/// once when a sink has failed.
+async fn drive<W, F>(
+    backlog: impl Future<Output = Report>,
+    state: &Mutex<SinkState<'_, W, F>>,
+    sink_failed: &Notify,
+    gauge: &Gauge,
+) -> anyhow::Result<Report>
+where
+    F: Write,
+{
+    let mut backlog = pin!(backlog);
+    let mut refresh = tokio::time::interval(REFRESH_INTERVAL);
+    refresh.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            report = &mut backlog => return Ok(report),
+            () = sink_failed.notified() => {
+                let fatal = state.lock().await.fatal.take();
+                return Err(fatal.unwrap_or_else(|| anyhow::anyhow!("writing an outcome failed")));
+            }
+            _ = refresh.tick() => {
+                // The consumer holds the lock only briefly, so skipping one
+                // redraw while it does is fine.
+                if let Ok(state) = state.try_lock() {
+                    state.sinks.progress.refresh(gauge.running());
+                }
+            }
+        }
+    }
+}
+
+/// Runs one item, or fails it at once when it cannot be run. The `Err`
+/// side marks the item as failed for the backlog's counts.
+async fn run_item<R: Runner>(
+    item: Item,
+    template: &Template,
+    runner: &R,
+) -> Result<Finished, Finished> {
+    let result = match job_for(&item, template) {
+        Ok(job) => runner.run(job).await,
+        Err(reason) => ItemResult::failed(reason),
+    };
+    let finished = Finished { item, result };
+    if finished.result.is_ok() {
+        Ok(finished)
+    } else {
+        Err(finished)
+    }
+}
+
+fn job_for(item: &Item, template: &Template) -> Result<Job, String> {
+    if let ItemKind::Malformed { reason, .. } = &item.kind {
+        return Err(reason.clone());
+    }
+    let argv = template
+        .render(&item.kind)
+        .map_err(|error| error.to_string())?;
+    let mut stdin = template::item_text(&item.kind).into_bytes();
+    stdin.push(b'\n');
+    Ok(Job { argv, stdin })
+}
+
+/// Sends one outcome to the sinks. After the first failed write, later
+/// outcomes are dropped because the run is stopping.
+async fn consume<W, F>(
+    outcome: Outcome<Finished, Finished>,
+    state: &Mutex<SinkState<'_, W, F>>,
+    sink_failed: &Notify,
+    gauge: &Gauge,
+) where
+    W: AsyncWrite + Unpin,
+    F: Write,
+{
+    let (Ok(finished) | Err(finished)) = outcome.result;
+    let mut state = state.lock().await;
+    if state.fatal.is_some() {
+        return;
+    }
+    if let Err(error) = state.sinks.record(&finished, gauge.running()).await {
+        state.fatal = Some(error);
+        sink_failed.notify_one();
+    }
+}
+
+impl<W: AsyncWrite + Unpin, F: Write> Sinks<W, F> {
+    /// Records the item first, so that the results file is complete even
+    /// when writing stdout fails.
+    async fn record(&mut self, finished: &Finished, running: usize) -> anyhow::Result<()> {
+        let Finished { item, result } = finished;
+        if let Some(results) = &mut self.results {
+            results
+                .write(item, result)
+                .context("cannot write to the results file")?;
+        }
+        self.progress.finished(item, result, running);
+        self.stdout
+            .write_all(&result.stdout)
+            .await
+            .context("cannot write to standard output")?;
+        self.stdout
+            .flush()
+            .await
+            .context("cannot write to standard output")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::sink;
+
+    use futures_util::stream;
+
+    use super::*;
+    use crate::exec::MockRunner;
+
+    fn text_items(lines: &[&str]) -> Vec<Item> {
+        let to_item = |(index, line): (usize, &&str)| Item {
+            index: index as u64,
+            line: index as u64 + 1,
+            kind: ItemKind::Text(line.to_string()),
+        };
+        lines.iter().enumerate().map(to_item).collect()
+    }
+
+    fn sinks() -> Sinks<Vec<u8>, Vec<u8>> {
+        Sinks {
+            stdout: Vec::new(),
+            results: Some(ResultsWriter::new(Vec::new())),
+            progress: Progress::log(Box::new(sink())),
+        }
+    }
+
+    /// Replies after a delay of `argv[1]` milliseconds, echoing the argument.
+    fn sleep_and_echo(job: &Job) -> (Duration, ItemResult) {
+        let millis: u64 = job.argv[1].parse().unwrap();
+        let result = ItemResult {
+            exit_code: Some(if millis == 0 { 1 } else { 0 }),
+            stdout: format!("{millis}\n").into_bytes(),
+            ..ItemResult::default()
+        };
+        (Duration::from_millis(millis), result)
+    }
+
+    async fn process_with_mock(lines: &[&str], max_run: usize) -> anyhow::Result<Summary> {
+        let template = Template::parse(&["sleep".to_owned(), "{}".to_owned()], false);
+        let runner = MockRunner::new(sleep_and_echo);
+        let max_run = NonZeroUsize::new(max_run).unwrap();
+        let items = stream::iter(text_items(lines));
+        process(&template, max_run, &runner, items, &mut sinks()).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn process_respects_max_run() {
+        let summary = process_with_mock(&["100"; 7], 3).await.unwrap();
+        assert_eq!(summary.succeeded, 7);
+        assert_eq!(summary.max_running, 3);
+        assert!(summary.wall_time >= Duration::from_millis(300));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn process_counts_failures() {
+        let summary = process_with_mock(&["10", "0", "10", "0"], 2).await.unwrap();
+        assert_eq!((summary.succeeded, summary.failed), (2, 2));
+        let lines: Vec<u64> = summary.failures.iter().map(|f| f.line).collect();
+        assert_eq!(lines, [2, 4]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn process_fails_malformed_without_running() {
+        let mut items = text_items(&["10", "malformed", "10"]);
+        items[1].kind = ItemKind::Malformed {
+            raw: "x".to_owned(),
+            reason: "invalid UTF-8".to_owned(),
+        };
+        let template = Template::parse(&["sleep".to_owned(), "{}".to_owned()], false);
+        let runner = MockRunner::new(sleep_and_echo);
+        let items = stream::iter(items);
+        let summary = process(&template, NonZeroUsize::MIN, &runner, items, &mut sinks())
+            .await
+            .unwrap();
+
+        assert_eq!(
+            (summary.succeeded, summary.failed, summary.malformed),
+            (2, 1, 1)
+        );
+        assert_eq!(summary.failures[0].line, 2);
+        assert_eq!(summary.failures[0].reason, "invalid UTF-8");
+        // Only the two good items slept: the malformed one ran nothing.
+        assert_eq!(summary.wall_time, Duration::from_millis(20));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn process_writes_outcomes_in_completion_order() {
+        let template = Template::parse(&["sleep".to_owned(), "{}".to_owned()], false);
+        let runner = MockRunner::new(sleep_and_echo);
+        let max_run = NonZeroUsize::new(3).unwrap();
+        let items = stream::iter(text_items(&["30", "10", "20"]));
+        let mut sinks = sinks();
+        process(&template, max_run, &runner, items, &mut sinks)
+            .await
+            .unwrap();
+
+        assert_eq!(sinks.stdout, b"10\n20\n30\n");
+        let results = sinks.results.unwrap().into_inner();
+        let records: Vec<serde_json::Value> = results
+            .split(|&b| b == b'\n')
+            .filter(|line| !line.is_empty())
+            .map(|line| serde_json::from_slice(line).unwrap())
+            .collect();
+        let indexes: Vec<u64> = records
+            .iter()
+            .map(|r| r["index"].as_u64().unwrap())
+            .collect();
+        assert_eq!(indexes, [1, 2, 0]);
+    }
+}

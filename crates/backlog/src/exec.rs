@@ -1,0 +1,358 @@
+//! Running one item's command: the `Runner` seam, the process runner and a
+//! mock for tests.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io;
+use std::os::unix::process::ExitStatusExt;
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, ChildStdin, Command};
+
+/// How many of the last lines of a command's standard error are kept.
+pub const STDERR_TAIL_LINES: usize = 10;
+
+/// How many bytes at the end of a command's standard error are kept, so
+/// that a command writing without line breaks cannot fill memory.
+const STDERR_TAIL_BYTES: usize = 64 * 1024;
+
+/// One command to run: its argument vector and what to write to its stdin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    /// The program followed by its arguments, placeholders already filled.
+    pub argv: Vec<String>,
+    /// The bytes written to the command's standard input before it is closed.
+    pub stdin: Vec<u8>,
+}
+
+/// The outcome of running one item's command.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ItemResult {
+    /// The exit code, or `None` when no process ran or a signal ended it.
+    pub exit_code: Option<i32>,
+    /// The number of the signal that ended the process, if one did.
+    pub signal: Option<i32>,
+    /// The time from starting the command until it exited and closed its
+    /// output.
+    pub duration: Duration,
+    /// The last lines of the command's standard error.
+    pub stderr_tail: Vec<String>,
+    /// Everything the command wrote to its standard output.
+    pub stdout: Vec<u8>,
+    /// The reason the item failed without an exit status, for example
+    /// because the command could not start.
+    pub error: Option<String>,
+}
+
+/// Counts the commands running now and the maximum seen running at once.
+#[derive(Debug, Default)]
+pub struct Gauge {
+    running: AtomicUsize,
+    max: AtomicUsize,
+}
+
+/// Marks one running command until the guard is dropped.
+#[derive(Debug)]
+#[must_use = "the command counts as exited once the guard is dropped"]
+pub struct GaugeGuard<'a> {
+    gauge: &'a Gauge,
+}
+
+/// Runs the command of one item.
+pub trait Runner {
+    /// Runs `job` to completion and reports any failure in the result.
+    fn run(&self, job: Job) -> impl Future<Output = ItemResult>;
+
+    /// Returns the counter of commands running at once.
+    fn gauge(&self) -> &Gauge;
+}
+
+/// Runs each item as a child process, with no shell in between.
+#[derive(Debug, Default)]
+pub struct ProcessRunner {
+    gauge: Gauge,
+}
+
+impl ItemResult {
+    /// Creates the result of an item that failed before any command ran.
+    pub fn failed(reason: String) -> Self {
+        ItemResult {
+            error: Some(reason),
+            ..ItemResult::default()
+        }
+    }
+
+    /// Returns whether the item succeeded: its command exited with status 0.
+    pub fn is_ok(&self) -> bool {
+        self.error.is_none() && self.exit_code == Some(0)
+    }
+
+    /// Returns why the item failed, or `None` when it succeeded.
+    pub fn failure_reason(&self) -> Option<String> {
+        if let Some(error) = &self.error {
+            return Some(error.clone());
+        }
+        match (self.exit_code, self.signal) {
+            (Some(0), _) => None,
+            (Some(code), _) => Some(format!("exit status {code}")),
+            (None, Some(signal)) => Some(format!("killed by signal {signal}")),
+            (None, None) => Some("exited without a status".to_owned()),
+        }
+    }
+}
+
+impl Gauge {
+    /// Counts one more running command until the guard is dropped.
+    pub fn enter(&self) -> GaugeGuard<'_> {
+        let running = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max.fetch_max(running, Ordering::SeqCst);
+        GaugeGuard { gauge: self }
+    }
+
+    /// Returns how many commands are running now.
+    pub fn running(&self) -> usize {
+        self.running.load(Ordering::SeqCst)
+    }
+
+    /// Returns the maximum number of commands that ran at once.
+    pub fn max(&self) -> usize {
+        self.max.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.gauge.running.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Runner for ProcessRunner {
+    async fn run(&self, job: Job) -> ItemResult {
+        let started = Instant::now();
+        let mut child = match spawn(&job.argv) {
+            Ok(child) => child,
+            Err(error) => return ItemResult::failed(spawn_error(&job.argv[0], &error)),
+        };
+        let running = self.gauge.enter();
+        let mut result = collect(&mut child, job.stdin, running).await;
+        result.duration = started.elapsed();
+        result
+    }
+
+    fn gauge(&self) -> &Gauge {
+        &self.gauge
+    }
+}
+
+fn spawn(argv: &[String]) -> io::Result<Child> {
+    Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // A dropped item (a fatal error elsewhere) must not leave its command
+        // running unseen.
+        .kill_on_drop(true)
+        .spawn()
+}
+
+fn spawn_error(program: &str, error: &io::Error) -> String {
+    match error.kind() {
+        io::ErrorKind::NotFound => format!("command not found: {program}"),
+        _ => format!("cannot run `{program}`: {error}"),
+    }
+}
+
+/// Feeds the child its stdin and gathers its output and exit status, all at
+/// once, because a child blocked on a full pipe would otherwise never exit.
+async fn collect(child: &mut Child, input: Vec<u8>, running: GaugeGuard<'_>) -> ItemResult {
+    let stdin = child.stdin.take();
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let wait = async {
+        let status = child.wait().await;
+        drop(running);
+        status
+    };
+    let (status, written, stdout, stderr_tail) = tokio::join!(
+        wait,
+        write_stdin(stdin, input),
+        read_all(stdout),
+        read_tail(stderr),
+    );
+    match assemble(status, written, stdout, stderr_tail) {
+        Ok(result) => result,
+        Err(error) => ItemResult::failed(format!("failed to talk to the command: {error}")),
+    }
+}
+
+fn assemble(
+    status: io::Result<ExitStatus>,
+    written: io::Result<()>,
+    stdout: io::Result<Vec<u8>>,
+    stderr_tail: io::Result<Vec<String>>,
+) -> io::Result<ItemResult> {
+    let status = status?;
+    written?;
+    Ok(ItemResult {
+        exit_code: status.code(),
+        signal: status.signal(),
+        stdout: stdout?,
+        stderr_tail: stderr_tail?,
+        ..ItemResult::default()
+    })
+}
+
+/// Writes the item to the child's stdin, then closes it. A child that exits
+/// without reading its stdin is fine, so a broken pipe is not an error.
+async fn write_stdin(stdin: Option<ChildStdin>, input: Vec<u8>) -> io::Result<()> {
+    let Some(mut stdin) = stdin else {
+        return Ok(());
+    };
+    match stdin.write_all(&input).await {
+        Err(error) if error.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
+}
+
+async fn read_all(pipe: Option<impl AsyncRead + Unpin>) -> io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    if let Some(mut pipe) = pipe {
+        pipe.read_to_end(&mut bytes).await?;
+    }
+    Ok(bytes)
+}
+
+/// Reads a pipe to its end, keeping only the last lines.
+async fn read_tail(pipe: Option<impl AsyncRead + Unpin>) -> io::Result<Vec<String>> {
+    let Some(mut pipe) = pipe else {
+        return Ok(Vec::new());
+    };
+    let mut tail = VecDeque::with_capacity(STDERR_TAIL_BYTES);
+    let mut chunk = [0u8; 8 * 1024];
+    loop {
+        let read = pipe.read(&mut chunk).await?;
+        if read == 0 {
+            break;
+        }
+        tail.extend(&chunk[..read]);
+        let excess = tail.len().saturating_sub(STDERR_TAIL_BYTES);
+        tail.drain(..excess);
+    }
+    Ok(last_lines(tail.make_contiguous(), STDERR_TAIL_LINES))
+}
+
+/// Returns the last `count` lines of `bytes` as lossy UTF-8. When `bytes` was
+/// cut at the byte limit, its first line may be only the end of a line.
+fn last_lines(bytes: &[u8], count: usize) -> Vec<String> {
+    let text = String::from_utf8_lossy(bytes);
+    let lines: Vec<&str> = text.lines().collect();
+    let first = lines.len().saturating_sub(count);
+    lines[first..].iter().map(|line| line.to_string()).collect()
+}
+
+/// A runner that returns a result from a function after a delay, for tests
+/// that need no real processes.
+#[cfg(test)]
+#[derive(Debug)]
+pub struct MockRunner<F> {
+    reply: F,
+    gauge: Gauge,
+}
+
+#[cfg(test)]
+impl<F: Fn(&Job) -> (Duration, ItemResult)> MockRunner<F> {
+    /// Creates a runner whose `reply` gives each job's delay and result.
+    pub fn new(reply: F) -> Self {
+        MockRunner {
+            reply,
+            gauge: Gauge::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+impl<F: Fn(&Job) -> (Duration, ItemResult)> Runner for MockRunner<F> {
+    async fn run(&self, job: Job) -> ItemResult {
+        let (delay, mut result) = (self.reply)(&job);
+        let _running = self.gauge.enter();
+        tokio::time::sleep(delay).await;
+        result.duration = delay;
+        result
+    }
+
+    fn gauge(&self) -> &Gauge {
+        &self.gauge
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_lines_keeps_the_end() {
+        let bytes = b"1\n2\n3\n4\n";
+        assert_eq!(last_lines(bytes, 2), ["3", "4"]);
+        assert_eq!(last_lines(bytes, 10), ["1", "2", "3", "4"]);
+        assert!(last_lines(b"", 10).is_empty());
+    }
+
+    #[test]
+    fn failure_reason_names_the_cause() {
+        let exit = |code| ItemResult {
+            exit_code: Some(code),
+            ..ItemResult::default()
+        };
+        assert_eq!(exit(0).failure_reason(), None);
+        assert_eq!(exit(3).failure_reason().as_deref(), Some("exit status 3"));
+        let killed = ItemResult {
+            signal: Some(9),
+            ..ItemResult::default()
+        };
+        assert_eq!(
+            killed.failure_reason().as_deref(),
+            Some("killed by signal 9")
+        );
+        let failed = ItemResult::failed("command not found: x".to_owned());
+        assert_eq!(
+            failed.failure_reason().as_deref(),
+            Some("command not found: x")
+        );
+    }
+
+    #[tokio::test]
+    async fn run_process_collects_output_and_status() {
+        let runner = ProcessRunner::default();
+        let argv = ["sh", "-c", "cat; echo err >&2; exit 3"];
+        let job = Job {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            stdin: b"hello\n".to_vec(),
+        };
+        let result = runner.run(job).await;
+        assert_eq!(result.stdout, b"hello\n");
+        assert_eq!(result.stderr_tail, ["err"]);
+        assert_eq!(result.exit_code, Some(3));
+        assert_eq!(runner.gauge().max(), 1);
+        assert_eq!(runner.gauge().running(), 0);
+    }
+
+    #[tokio::test]
+    async fn run_missing_program_fails() {
+        let runner = ProcessRunner::default();
+        let job = Job {
+            argv: vec!["/nonexistent/backlog-test".to_owned()],
+            stdin: Vec::new(),
+        };
+        let result = runner.run(job).await;
+        let reason = result.failure_reason();
+        assert_eq!(
+            reason.as_deref(),
+            Some("command not found: /nonexistent/backlog-test")
+        );
+        assert_eq!(runner.gauge().max(), 0);
+    }
+}

@@ -1,0 +1,280 @@
+//! The progress display on stderr while the backlog runs, and the summary
+//! at the end.
+
+use std::fmt;
+use std::io::Write;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+// Tokio's clock, so that tests with paused time see the wall time they simulate.
+use tokio::time::Instant;
+
+use crate::exec::ItemResult;
+use crate::source::{Item, ItemKind};
+
+/// How many failed items the summary lists.
+const SUMMARY_FAILURES: usize = 10;
+
+/// Shows progress as a bar on a terminal, or as one log line per item.
+#[derive(Debug)]
+pub struct Progress {
+    started: Instant,
+    view: View,
+    summary: Summary,
+}
+
+enum View {
+    /// A progress bar, with failures printed above it.
+    Bar(ProgressBar),
+    /// One line per finished item, for logs and pipes.
+    Log(Box<dyn Write + Send>),
+}
+
+/// The counts and failures of a finished run.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Summary {
+    /// Items whose command exited with status 0.
+    pub succeeded: u64,
+    /// Items that failed, malformed ones included.
+    pub failed: u64,
+    /// Items that failed because their line was not a valid item.
+    pub malformed: u64,
+    /// The first failed items, in the order they finished.
+    pub failures: Vec<Failure>,
+    /// The time from the start of the run to its end.
+    pub wall_time: Duration,
+    /// The maximum number of commands seen running at once.
+    pub max_running: usize,
+}
+
+/// A failed item as the summary lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    /// The 1-based line number of the item.
+    pub line: u64,
+    /// The reason it failed.
+    pub reason: String,
+}
+
+impl fmt::Debug for View {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            View::Bar(_) => f.write_str("Bar"),
+            View::Log(_) => f.write_str("Log"),
+        }
+    }
+}
+
+impl Progress {
+    /// Creates a progress display that draws a bar on stderr.
+    pub fn bar() -> Self {
+        let bar = ProgressBar::new_spinner();
+        // The template is a constant, so it can only fail if it is edited
+        // into something invalid, which the CLI tests would catch.
+        let style = ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+            .expect("the progress template is valid");
+        bar.set_style(style);
+        bar.enable_steady_tick(Duration::from_millis(100));
+        Progress::with_view(View::Bar(bar))
+    }
+
+    /// Creates a progress display that writes one line per item to `out`.
+    pub fn log(out: Box<dyn Write + Send>) -> Self {
+        Progress::with_view(View::Log(out))
+    }
+
+    fn with_view(view: View) -> Self {
+        Progress {
+            started: Instant::now(),
+            view,
+            summary: Summary::default(),
+        }
+    }
+
+    /// Counts a finished item and shows it.
+    pub fn finished(&mut self, item: &Item, result: &ItemResult, running: usize) {
+        let failure = describe_failure(result);
+        self.count(item, failure.as_deref());
+        let line = self.log_line(item, result, failure.as_deref());
+        match &mut self.view {
+            View::Bar(bar) => {
+                if failure.is_some() {
+                    bar.println(line);
+                }
+            }
+            // Progress lines are best effort: a closed stderr must not stop
+            // the backlog.
+            View::Log(out) => drop(writeln!(out, "{line}")),
+        }
+        self.refresh(running);
+    }
+
+    /// Redraws the counts, with `running` commands running now.
+    pub fn refresh(&self, running: usize) {
+        if let View::Bar(bar) = &self.view {
+            let summary = &self.summary;
+            let (done, failed) = (summary.succeeded, summary.failed);
+            bar.set_message(format!("done {done}  failed {failed}  running {running}"));
+        }
+    }
+
+    /// Removes the bar and returns the summary of the run.
+    pub fn finish(&mut self, max_running: usize) -> Summary {
+        if let View::Bar(bar) = &self.view {
+            bar.finish_and_clear();
+        }
+        self.summary.wall_time = self.started.elapsed();
+        self.summary.max_running = max_running;
+        std::mem::take(&mut self.summary)
+    }
+
+    fn count(&mut self, item: &Item, failure: Option<&str>) {
+        let summary = &mut self.summary;
+        let Some(reason) = failure else {
+            summary.succeeded += 1;
+            return;
+        };
+        summary.failed += 1;
+        if matches!(item.kind, ItemKind::Malformed { .. }) {
+            summary.malformed += 1;
+        }
+        if summary.failures.len() < SUMMARY_FAILURES {
+            let line = item.line;
+            let reason = reason.to_owned();
+            summary.failures.push(Failure { line, reason });
+        }
+    }
+
+    fn log_line(&self, item: &Item, result: &ItemResult, failure: Option<&str>) -> String {
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let (index, line) = (item.index, item.line);
+        match failure {
+            None => {
+                let duration = result.duration.as_secs_f64();
+                format!("{elapsed:>6.2}s  ok     #{index} line {line} ({duration:.2}s)")
+            }
+            Some(reason) => format!("{elapsed:>6.2}s  FAILED #{index} line {line}: {reason}"),
+        }
+    }
+}
+
+/// Returns why an item failed, followed by the last line its command wrote
+/// to stderr, or `None` when it succeeded.
+fn describe_failure(result: &ItemResult) -> Option<String> {
+    let reason = result.failure_reason()?;
+    let last_stderr = result
+        .stderr_tail
+        .iter()
+        .rev()
+        .find(|l| !l.trim().is_empty());
+    match last_stderr {
+        Some(line) => Some(format!("{reason}: {line}")),
+        None => Some(reason),
+    }
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "done {}, failed {}", self.succeeded, self.failed)?;
+        if self.malformed > 0 {
+            write!(f, " ({} malformed)", self.malformed)?;
+        }
+        let wall_time = self.wall_time.as_secs_f64();
+        let commands = if self.max_running == 1 {
+            "command"
+        } else {
+            "commands"
+        };
+        write!(f, ", wall time {wall_time:.2}s")?;
+        write!(f, ", at most {} {commands} ran at once", self.max_running)?;
+        self.fmt_failures(f)
+    }
+}
+
+impl Summary {
+    /// Returns whether every item succeeded.
+    pub fn all_succeeded(&self) -> bool {
+        self.failed == 0
+    }
+
+    fn fmt_failures(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.failures.is_empty() {
+            return Ok(());
+        }
+        let listed = self.failures.len();
+        if (listed as u64) < self.failed {
+            write!(f, "\nfirst {listed} of {} failed items:", self.failed)?;
+        } else {
+            write!(f, "\nfailed items:")?;
+        }
+        for failure in &self.failures {
+            write!(f, "\n  line {}: {}", failure.line, failure.reason)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(index: u64, kind: ItemKind) -> Item {
+        Item {
+            index,
+            line: index + 1,
+            kind,
+        }
+    }
+
+    #[test]
+    fn summary_counts_and_lists_failures() {
+        let mut progress = Progress::log(Box::new(std::io::sink()));
+        let ok = ItemResult {
+            exit_code: Some(0),
+            ..ItemResult::default()
+        };
+        let failed = ItemResult {
+            exit_code: Some(1),
+            stderr_tail: vec!["first".to_owned(), "last".to_owned(), String::new()],
+            ..ItemResult::default()
+        };
+        let malformed = ItemKind::Malformed {
+            raw: String::new(),
+            reason: "invalid JSON".to_owned(),
+        };
+        progress.finished(&item(0, ItemKind::Text("a".to_owned())), &ok, 0);
+        progress.finished(&item(1, ItemKind::Text("b".to_owned())), &failed, 0);
+        let reason = ItemResult::failed("invalid JSON".to_owned());
+        progress.finished(&item(2, malformed), &reason, 0);
+        let summary = progress.finish(2);
+
+        assert_eq!(
+            (summary.succeeded, summary.failed, summary.malformed),
+            (1, 2, 1)
+        );
+        let text = summary.to_string();
+        assert!(
+            text.starts_with("done 1, failed 2 (1 malformed), wall time "),
+            "{text}"
+        );
+        assert!(
+            text.contains(", at most 2 commands ran at once\nfailed items:"),
+            "{text}"
+        );
+        assert!(text.contains("\n  line 2: exit status 1: last"), "{text}");
+        assert!(text.contains("\n  line 3: invalid JSON"), "{text}");
+    }
+
+    #[test]
+    fn summary_limits_listed_failures() {
+        let mut progress = Progress::log(Box::new(std::io::sink()));
+        let failed = ItemResult::failed("down".to_owned());
+        for index in 0..12 {
+            progress.finished(&item(index, ItemKind::Text("x".to_owned())), &failed, 0);
+        }
+        let summary = progress.finish(1);
+        assert_eq!(summary.failures.len(), SUMMARY_FAILURES);
+        assert!(summary.to_string().contains("first 10 of 12 failed items:"));
+        assert!(summary.to_string().contains("at most 1 command ran"));
+    }
+}
