@@ -439,9 +439,11 @@ impl Core {
         let mut current = self.state.load(Ordering::Acquire);
         loop {
             let retired = n.min(current >> SHIFT);
+            // Setting `SLOW` in the same step sends every release made before
+            // the debt is recorded through the lock, where it pays the debt.
             match self.state.compare_exchange_weak(
                 current,
-                current - (retired << SHIFT),
+                (current - (retired << SHIFT)) | SLOW,
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
