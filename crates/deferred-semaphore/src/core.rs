@@ -65,7 +65,7 @@ struct Queue {
 
 struct Waiter {
     needed: usize,
-    /// Tokens already handed to this waiter; it holds them until it is
+    /// Tokens already handed to this waiter. They stay with it until it is
     /// granted, cancelled or rejected.
     assigned: usize,
     waker: Option<Waker>,
@@ -81,7 +81,7 @@ enum Status {
     Failed(AcquireError),
 }
 
-/// Where an acquire future stands: not yet queued, or queued under a key.
+/// The progress of an acquire future: not yet queued, queued under a key, or done.
 #[derive(Debug, Default)]
 pub(crate) enum Acquiring {
     #[default]
@@ -453,7 +453,7 @@ impl Core {
         }
     }
 
-    /// Fails every queued waiter that asks for more than the new limit, since
+    /// Fails every queued waiter that requests more than the new limit, since
     /// it could never be served and would block everyone behind it.
     fn reject_oversized(&self, queue: &mut Queue, wakers: &mut Vec<Waker>) {
         let limit = queue.limit;

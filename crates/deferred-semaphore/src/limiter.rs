@@ -31,7 +31,7 @@ pub trait Limiter {
     /// A grant of one unit of work; dropping it gives the grant back.
     type Permit;
 
-    /// Why a permit could not be granted.
+    /// The error returned when a permit cannot be granted.
     type Error: std::error::Error + Send + Sync + 'static;
 
     /// The future returned by [`acquire`](Limiter::acquire).

@@ -173,7 +173,7 @@ where
                 progressed = true;
             }
 
-            // Step 3: cancel running work once the policy says stop now.
+            // Step 3: cancel running work once the policy requires a stop now.
             if this.progress.stop_now && !this.running.is_empty() {
                 cancel_running(this.running, this.outcomes, &mut this.progress.report);
                 progressed = true;

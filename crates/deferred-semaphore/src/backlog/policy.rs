@@ -1,5 +1,4 @@
-//! What backlog processing reports: outcomes, the failure policy and the
-//! final report.
+//! The outcomes, failure policy and final report of backlog processing.
 
 use std::error::Error;
 use std::fmt;
@@ -10,7 +9,7 @@ use std::num::NonZeroU64;
 pub struct Outcome<T, E> {
     /// The item's 0-based position in the source.
     pub index: u64,
-    /// What the work returned.
+    /// The result the work returned.
     pub result: Result<T, E>,
 }
 
@@ -60,7 +59,7 @@ impl Threshold {
     }
 }
 
-/// Why backlog processing stopped before the source ran out.
+/// The reason backlog processing stopped before the source ran out.
 #[derive(Debug)]
 pub enum StopReason {
     /// The failure policy's threshold was reached.
@@ -92,8 +91,8 @@ pub struct Report {
     /// Positions of items whose running work was cancelled by
     /// [`FailurePolicy::StopNow`], in input order.
     pub cancelled: Vec<u64>,
-    /// Why processing stopped early, if it did.
+    /// The reason processing stopped early, if it did.
     pub stopped: Option<StopReason>,
-    /// The most items whose work ran at the same moment.
+    /// The maximum number of items whose work ran at the same moment.
     pub max_running: usize,
 }
