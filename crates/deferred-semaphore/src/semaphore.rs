@@ -358,7 +358,7 @@ impl DeferredSemaphore {
     /// before the caller sees the output.
     ///
     /// Unlike Twisted's `run`, nothing starts until the returned future is
-    /// polled; with the `tokio` feature, [`spawn`](Self::spawn) starts the
+    /// polled; with the `tokio` feature, [`spawn`][spawn] starts the
     /// work eagerly.
     ///
     /// # Cancel safety
@@ -378,6 +378,9 @@ impl DeferredSemaphore {
     /// assert_eq!(squared, 49);
     /// # });
     /// ```
+    ///
+    #[cfg_attr(feature = "tokio", doc = "[spawn]: Self::spawn")]
+    #[cfg_attr(not(feature = "tokio"), doc = "[spawn]: crate#features")]
     pub fn run<F, Fut>(&self, work: F) -> Run<'_, F, Fut>
     where
         F: FnOnce() -> Fut,
