@@ -24,9 +24,9 @@
 //!
 //! # Coming from Twisted
 //!
-//! The names below are those of Twisted 26.10. They map one to one, and the order in which work is admitted is the
-//! same: tokens go to waiters strictly first come, first served, and a new
-//! acquire never overtakes a queued one.
+//! The names below are those of Twisted 26.10. They map one to one, and the
+//! order in which work is admitted is the same: tokens go to waiters strictly
+//! first come, first served, and a new acquire never overtakes a queued one.
 //!
 //! | Twisted | here |
 //! | --- | --- |
@@ -80,9 +80,9 @@
 //!   wakes its task, which runs on its own poll: a chain of a million queued
 //!   units finishes on a 256 KiB thread stack.
 //! - **The limit can change at run time.** Assigning to Twisted's `limit`
-//!   wakes nobody. [`set_limit`](DeferredSemaphore::set_limit) wakes waiters at
-//!   once when the limit grows and, when it shrinks, retires tokens as running
-//!   work returns them, never interrupting that work.
+//!   wakes no waiter. [`set_limit`](DeferredSemaphore::set_limit) wakes
+//!   waiters at once when the limit grows and, when it shrinks, retires tokens
+//!   as running work returns them, never interrupting that work.
 //!
 //! # Examples
 //!
