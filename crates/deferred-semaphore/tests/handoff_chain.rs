@@ -1,9 +1,11 @@
 //! Handing one token down a very long queue must use constant stack depth.
 //!
-//! Each queued `run` finishes at once, so the token passes straight from one
-//! waiter to the next. If a release polled the next waiter itself, or woke it
-//! by polling, the stack would grow with the queue and overflow the small
-//! thread stack used here.
+//! A slow holder keeps the only token while a million `run` units queue
+//! behind it. Each unit finishes at once, so when the holder lets go the
+//! token passes straight from one waiter to the next. If a release polled the
+//! next waiter itself, or woke it by polling, the stack would grow with the
+//! queue and overflow the small thread stack used here. The units must also
+//! run in the order they queued.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -20,9 +22,16 @@ const WAITERS: usize = 1_000_000;
 /// Stack size of the thread that drives the whole queue.
 const STACK_SIZE: usize = 256 * 1024;
 
-fn hand_token_down_queue() -> usize {
+/// Counts of what the queued units saw, returned by `hand_token_down_queue`.
+struct Handoff {
+    completed: usize,
+    out_of_order: usize,
+}
+
+fn hand_token_down_queue() -> Handoff {
     let sem = DeferredSemaphore::new(1);
     let completed = AtomicUsize::new(0);
+    let out_of_order = AtomicUsize::new(0);
     let holder_started = AtomicBool::new(false);
     let (release_tx, release_rx) = oneshot::channel::<()>();
 
@@ -38,9 +47,12 @@ fn hand_token_down_queue() -> usize {
 
     let mut queue: FuturesUnordered<_> = (0..WAITERS)
         .map(|n| {
-            let completed = &completed;
+            let (completed, out_of_order) = (&completed, &out_of_order);
             sem.run(move || async move {
-                completed.fetch_add(1, Ordering::Relaxed);
+                // Units queued in index order, so the n-th to run must be unit n.
+                if completed.fetch_add(1, Ordering::Relaxed) != n {
+                    out_of_order.fetch_add(1, Ordering::Relaxed);
+                }
                 n
             })
         })
@@ -63,7 +75,10 @@ fn hand_token_down_queue() -> usize {
 
     assert_eq!(sem.tokens(), 1);
     assert_eq!(sem.waiting(), 0);
-    completed.load(Ordering::Relaxed)
+    Handoff {
+        completed: completed.load(Ordering::Relaxed),
+        out_of_order: out_of_order.load(Ordering::Relaxed),
+    }
 }
 
 #[test]
@@ -73,6 +88,7 @@ fn run_handoff_long_queue_constant_stack() {
         .stack_size(STACK_SIZE)
         .spawn(hand_token_down_queue)
         .unwrap();
-    let completed = worker.join().expect("the handoff thread panicked");
-    assert_eq!(completed, WAITERS);
+    let handoff = worker.join().expect("the handoff thread panicked");
+    assert_eq!(handoff.completed, WAITERS);
+    assert_eq!(handoff.out_of_order, 0, "units ran out of queue order");
 }

@@ -1,11 +1,19 @@
 //! Randomized stress tests of the semaphore on a multi-thread runtime.
 //!
-//! Four tasks on two worker threads each run a random mix of acquires,
-//! `run`, cancellations, panics and (in one test) limit changes. A counter kept
-//! apart from the semaphore tracks the tokens held by live permits: it goes up
-//! just after a grant and down just before the permit is dropped, so it never
-//! counts more than is really held. At every grant it must stay within the
-//! largest limit that could have been in effect since the acquire began.
+//! Eight tasks on two worker threads each run a random mix of operations:
+//! `acquire`, `acquire_many`, `try_acquire`, `run` and `run` that panics,
+//! timeouts around acquires and around `run`, and acquires cancelled after a
+//! few polls. In one test, `set_limit` calls also grow and shrink the limit.
+//!
+//! A counter kept apart from the semaphore tracks the tokens held by live
+//! permits. It goes up just after a grant and down just before the permit is
+//! dropped, so it never counts more than is really held. At every grant it
+//! must stay within the largest limit that could have been in effect since
+//! the acquire began. At the end every token must be back and no waiter left.
+//!
+//! `SEMAPHORE_STRESS_OPERATIONS` sets the number of operations of each
+//! randomized test, split across the tasks. The default is small so that a
+//! debug `cargo test` stays fast, and CI runs 1,000,000 in release mode.
 //!
 //! The seed is printed; set `SEMAPHORE_STRESS_SEED` to replay a seed's choices
 //! (the thread interleaving still varies from run to run).
@@ -13,17 +21,22 @@
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Once};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::task::Poll;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use deferred_semaphore::{AcquireError, DeferredSemaphore, TryAcquireError};
 use futures::FutureExt;
 
-const TASKS: usize = 4;
+/// More tasks than tokens, so that waiters queue behind holders.
+const TASKS: usize = 8;
 const WORKER_THREADS: usize = 2;
-const OPERATIONS_PER_TASK: usize = 5_000;
+/// Operations of each randomized test when `SEMAPHORE_STRESS_OPERATIONS` is
+/// unset.
+const DEFAULT_OPERATIONS: usize = 20_000;
 const FIXED_LIMIT: usize = 4;
 const MAX_RANDOM_LIMIT: usize = 6;
-const TEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// A test fails as hung once no operation has finished for this long.
+const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 const PANIC_MESSAGE: &str = "stress work panicked on purpose";
 
 /// A xorshift64* generator, small and fast, which is enough to pick operations.
@@ -63,6 +76,22 @@ fn seed_for(test: &str) -> u64 {
     seed
 }
 
+/// Reads the number of operations from `SEMAPHORE_STRESS_OPERATIONS`, or
+/// returns `DEFAULT_OPERATIONS`.
+fn operations_for(test: &str) -> usize {
+    let operations = match std::env::var("SEMAPHORE_STRESS_OPERATIONS") {
+        Ok(text) => match text.parse::<usize>() {
+            Ok(operations) if operations >= TASKS => operations,
+            _ => panic!(
+                "SEMAPHORE_STRESS_OPERATIONS must be an integer of at least {TASKS}, got {text:?}"
+            ),
+        },
+        Err(_) => DEFAULT_OPERATIONS,
+    };
+    println!("{test}: {operations} operations across {TASKS} tasks");
+    operations
+}
+
 /// Hides the panic message of the work that panics on purpose, and reports
 /// every other panic as usual.
 fn silence_expected_panics() {
@@ -91,6 +120,8 @@ struct LimitLog {
     changing: Mutex<()>,
     history: Mutex<Vec<usize>>,
     applied: AtomicUsize,
+    grown: AtomicUsize,
+    shrunk: AtomicUsize,
 }
 
 impl LimitLog {
@@ -99,20 +130,28 @@ impl LimitLog {
             changing: Mutex::new(()),
             history: Mutex::new(vec![limit]),
             applied: AtomicUsize::new(1),
+            grown: AtomicUsize::new(0),
+            shrunk: AtomicUsize::new(0),
         }
     }
 
     fn set_limit(&self, sem: &DeferredSemaphore, limit: usize) {
         let _one_at_a_time = self.changing.lock().unwrap();
-        let entries = {
+        let (previous, entries) = {
             let mut history = self.history.lock().unwrap();
+            let previous = *history.last().unwrap();
             history.push(limit);
-            history.len()
+            (previous, history.len())
         };
         // The history lock is not held here, so holders checking a grant
         // are not held up and can release their tokens during the change.
         sem.set_limit(limit).unwrap();
         self.applied.store(entries, Ordering::SeqCst);
+        if limit > previous {
+            self.grown.fetch_add(1, Ordering::Relaxed);
+        } else if limit < previous {
+            self.shrunk.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Marks the start of an acquire. Read this before the acquire begins.
@@ -131,12 +170,18 @@ impl LimitLog {
     }
 }
 
-/// Tokens held by live permits, counted apart from the semaphore.
+/// Tokens held by live permits, counted apart from the semaphore, and counts
+/// of what the operations did.
 #[derive(Default)]
 struct Tracker {
     held: AtomicUsize,
     peak: AtomicUsize,
     grants: AtomicUsize,
+    /// Acquires and runs dropped before they completed.
+    cancelled: AtomicUsize,
+    panicked: AtomicUsize,
+    /// Operations finished, for the stall check and the final count.
+    finished: AtomicUsize,
     violations: Mutex<Vec<String>>,
 }
 
@@ -171,9 +216,10 @@ impl Shared {
     ///
     /// The semaphore grants tokens only while no retired tokens are owed, so
     /// right after any grant the tokens held are within the limit of that
-    /// moment. The counter never exceeds the tokens really held, and the
-    /// last grant before the check happened after `mark`, so the counter
-    /// must be within the largest limit since `mark`.
+    /// moment, and they only grow at grants. The counter never exceeds the
+    /// tokens really held, and the last grant before the check happened after
+    /// `mark`, so the counter must be within the largest limit since `mark`.
+    /// With a fixed limit, that is the limit itself.
     fn grant(&self, tokens: usize, mark: usize, operation: &str) -> HeldTokens<'_> {
         let tracker = &self.tracker;
         let held_now = tracker.held.fetch_add(tokens, Ordering::SeqCst) + tokens;
@@ -197,6 +243,24 @@ impl Shared {
             self.tracker
                 .violation(format!("{operation} failed unexpectedly: {error}"));
         }
+    }
+
+    /// Checks a `try_acquire` error. Only a concurrent shrink may make a
+    /// request exceed the limit.
+    fn check_try_error(&self, error: TryAcquireError, operation: &str) {
+        let allowed = match error {
+            TryAcquireError::NoTokens => true,
+            TryAcquireError::ExceedsLimit { .. } => self.change_limit,
+            TryAcquireError::Closed => false,
+        };
+        if !allowed {
+            self.tracker
+                .violation(format!("{operation} failed unexpectedly: {error}"));
+        }
+    }
+
+    fn cancelled(&self) {
+        self.tracker.cancelled.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -228,7 +292,7 @@ async fn random_operation(shared: &Shared, rng: &mut Rng) {
     let sleep = rng.below(16) == 0;
     let mark = shared.limits.mark();
 
-    match rng.below(11) {
+    match rng.below(13) {
         0 | 1 => match sem.acquire().await {
             Ok(permit) => {
                 let held = shared.grant(1, mark, "acquire");
@@ -259,11 +323,7 @@ async fn random_operation(shared: &Shared, rng: &mut Rng) {
                     drop(held);
                     drop(permit);
                 }
-                Err(TryAcquireError::NoTokens) => {}
-                Err(TryAcquireError::ExceedsLimit { .. }) if shared.change_limit => {}
-                Err(error) => shared
-                    .tracker
-                    .violation(format!("try_acquire_many failed unexpectedly: {error}")),
+                Err(error) => shared.check_try_error(error, "try_acquire_many"),
             }
         }
         4 => {
@@ -296,24 +356,27 @@ async fn random_operation(shared: &Shared, rng: &mut Rng) {
             }))
             .catch_unwind()
             .await;
-            if outcome.is_ok() {
-                shared
+            match outcome {
+                Err(_) => {
+                    shared.tracker.panicked.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(Err(error)) => shared.check_error(error, "run that panics"),
+                Ok(Ok(())) => shared
                     .tracker
-                    .violation("run that panics returned normally".to_string());
+                    .violation("run that panics returned normally".to_string()),
             }
         }
         6 => {
             let duration = tiny_timeout(rng);
-            if let Ok(acquired) = tokio::time::timeout(duration, sem.acquire()).await {
-                match acquired {
-                    Ok(permit) => {
-                        let held = shared.grant(1, mark, "acquire with timeout");
-                        work(yields, sleep).await;
-                        drop(held);
-                        drop(permit);
-                    }
-                    Err(error) => shared.check_error(error, "acquire with timeout"),
+            match tokio::time::timeout(duration, sem.acquire()).await {
+                Ok(Ok(permit)) => {
+                    let held = shared.grant(1, mark, "acquire with timeout");
+                    work(yields, sleep).await;
+                    drop(held);
+                    drop(permit);
                 }
+                Ok(Err(error)) => shared.check_error(error, "acquire with timeout"),
+                Err(_) => shared.cancelled(),
             }
         }
         7 => {
@@ -326,36 +389,116 @@ async fn random_operation(shared: &Shared, rng: &mut Rng) {
                     drop(held);
                 }
             });
-            if let Ok(Err(error)) = tokio::time::timeout(duration, run).await {
-                shared.check_error(error, "run with timeout");
+            match tokio::time::timeout(duration, run).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => shared.check_error(error, "run with timeout"),
+                Err(_) => shared.cancelled(),
             }
         }
         8 => {
             let duration = tiny_timeout(rng);
             let tokens = 1 + rng.below(2);
             let acquire = sem.acquire_many_owned(tokens);
-            if let Ok(acquired) = tokio::time::timeout(duration, acquire).await {
-                match acquired {
-                    Ok(permit) => {
-                        let held = shared.grant(tokens, mark, "acquire_many_owned");
-                        work(yields, sleep).await;
-                        drop(held);
-                        drop(permit);
-                    }
-                    Err(error) => shared.check_error(error, "acquire_many_owned"),
+            match tokio::time::timeout(duration, acquire).await {
+                Ok(Ok(permit)) => {
+                    let held = shared.grant(tokens, mark, "acquire_many_owned");
+                    work(yields, sleep).await;
+                    drop(held);
+                    drop(permit);
                 }
+                Ok(Err(error)) => shared.check_error(error, "acquire_many_owned"),
+                Err(_) => shared.cancelled(),
+            }
+        }
+        9 => {
+            // Polls a request a few times, yielding in between, and drops it
+            // if it is still queued: a cancellation anywhere in the queue that
+            // does not depend on the timer.
+            let tokens = 1 + rng.below(2);
+            let polls = 1 + rng.below(4);
+            let mut acquire = std::pin::pin!(sem.acquire_many(tokens));
+            let mut completed = false;
+            for _ in 0..polls {
+                if let Poll::Ready(acquired) = futures::poll!(acquire.as_mut()) {
+                    completed = true;
+                    match acquired {
+                        Ok(permit) => {
+                            let held = shared.grant(tokens, mark, "acquire_many then cancel");
+                            work(yields, sleep).await;
+                            drop(held);
+                            drop(permit);
+                        }
+                        Err(error) => shared.check_error(error, "acquire_many then cancel"),
+                    }
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+            if !completed {
+                shared.cancelled();
             }
         }
         _ => {
             if shared.change_limit {
                 let limit = 1 + rng.below(MAX_RANDOM_LIMIT);
                 shared.limits.set_limit(sem, limit);
-            } else if let Ok(permit) = sem.try_acquire() {
-                let held = shared.grant(1, mark, "try_acquire");
-                drop(held);
-                drop(permit);
+            } else {
+                match sem.try_acquire() {
+                    Ok(permit) => {
+                        let held = shared.grant(1, mark, "try_acquire");
+                        drop(held);
+                        drop(permit);
+                    }
+                    Err(error) => shared.check_try_error(error, "try_acquire"),
+                }
             }
         }
+    }
+}
+
+/// Returns the operations that `task` runs: an equal share of `operations`,
+/// plus the remainder for task 0.
+fn share_of(operations: usize, task: usize) -> usize {
+    let share = operations / TASKS;
+    if task == 0 {
+        share + operations % TASKS
+    } else {
+        share
+    }
+}
+
+/// Waits for the tasks, and fails if none of them finishes an operation for
+/// `STALL_TIMEOUT`, which means the semaphore lost a wake-up or a token.
+async fn join_or_fail_on_stall(
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    shared: &Shared,
+    seed: u64,
+) {
+    let mut all = std::pin::pin!(futures::future::join_all(tasks));
+    let mut last_finished = 0;
+    let mut last_progress = Instant::now();
+    let results = loop {
+        match tokio::time::timeout(Duration::from_secs(1), all.as_mut()).await {
+            Ok(results) => break results,
+            Err(_) => {
+                let finished = shared.tracker.finished.load(Ordering::SeqCst);
+                if finished != last_finished {
+                    last_finished = finished;
+                    last_progress = Instant::now();
+                } else if last_progress.elapsed() > STALL_TIMEOUT {
+                    panic!(
+                        "seed {seed}: timed out: no operation finished in {STALL_TIMEOUT:?} \
+                         ({finished} finished, {} waiting, {} tokens free, limit {})",
+                        shared.sem.waiting(),
+                        shared.sem.tokens(),
+                        shared.sem.limit()
+                    );
+                }
+            }
+        }
+    };
+    for result in results {
+        result.unwrap_or_else(|error| panic!("seed {seed}: a task failed: {error}"));
     }
 }
 
@@ -363,6 +506,7 @@ async fn random_operation(shared: &Shared, rng: &mut Rng) {
 fn stress(test: &str, change_limit: bool) {
     silence_expected_panics();
     let seed = seed_for(test);
+    let operations = operations_for(test);
     let shared = Arc::new(Shared {
         sem: DeferredSemaphore::new(FIXED_LIMIT),
         limits: LimitLog::new(FIXED_LIMIT),
@@ -375,32 +519,37 @@ fn stress(test: &str, change_limit: bool) {
         .enable_time()
         .build()
         .unwrap();
+    let started = Instant::now();
     runtime.block_on(async {
-        let tasks: Vec<_> = (0..TASKS as u64)
+        let tasks: Vec<_> = (0..TASKS)
             .map(|task| {
                 let shared = Arc::clone(&shared);
-                let mut rng = Rng::new(seed ^ (task + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                let stream = (task as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                let mut rng = Rng::new(seed ^ stream);
+                let count = share_of(operations, task);
                 tokio::spawn(async move {
-                    for _ in 0..OPERATIONS_PER_TASK {
+                    for _ in 0..count {
                         random_operation(&shared, &mut rng).await;
+                        shared.tracker.finished.fetch_add(1, Ordering::SeqCst);
                     }
                 })
             })
             .collect();
-        let all = futures::future::join_all(tasks);
-        let results = tokio::time::timeout(TEST_TIMEOUT, all)
-            .await
-            .unwrap_or_else(|_| panic!("seed {seed}: tasks still running after {TEST_TIMEOUT:?}"));
-        for result in results {
-            result.unwrap_or_else(|error| panic!("seed {seed}: a task failed: {error}"));
-        }
+        join_or_fail_on_stall(tasks, &shared, seed).await;
     });
+    let elapsed = started.elapsed();
 
     let tracker = &shared.tracker;
     let sem = &shared.sem;
+    let grants = tracker.grants.load(Ordering::SeqCst);
     println!(
-        "{test}: {} grants, at most {} tokens held at once, final limit {}",
-        tracker.grants.load(Ordering::SeqCst),
+        "{test}: {} operations in {elapsed:.1?}: {grants} grants, {} cancelled, {} panicked, \
+         {} grown and {} shrunk limits, at most {} tokens held at once, final limit {}",
+        tracker.finished.load(Ordering::SeqCst),
+        tracker.cancelled.load(Ordering::SeqCst),
+        tracker.panicked.load(Ordering::SeqCst),
+        shared.limits.grown.load(Ordering::SeqCst),
+        shared.limits.shrunk.load(Ordering::SeqCst),
         tracker.peak.load(Ordering::SeqCst),
         sem.limit()
     );
@@ -411,13 +560,36 @@ fn stress(test: &str, change_limit: bool) {
         violations.len(),
         violations[0]
     );
-    assert!(
-        tracker.grants.load(Ordering::SeqCst) >= OPERATIONS_PER_TASK,
-        "seed {seed}: too few grants to exercise the semaphore"
+    assert_eq!(
+        tracker.finished.load(Ordering::SeqCst),
+        operations,
+        "seed {seed}"
     );
+    assert!(
+        grants >= operations / 4,
+        "seed {seed}: {grants} grants in {operations} operations are too few to exercise the semaphore"
+    );
+    assert!(
+        tracker.cancelled.load(Ordering::SeqCst) > 0,
+        "seed {seed}: no acquire or run was cancelled"
+    );
+    assert!(
+        tracker.panicked.load(Ordering::SeqCst) > 0,
+        "seed {seed}: no run panicked"
+    );
+    if change_limit {
+        assert!(
+            shared.limits.grown.load(Ordering::SeqCst) > 0,
+            "seed {seed}: the limit never grew"
+        );
+        assert!(
+            shared.limits.shrunk.load(Ordering::SeqCst) > 0,
+            "seed {seed}: the limit never shrank"
+        );
+    }
     assert_eq!(tracker.held.load(Ordering::SeqCst), 0, "seed {seed}");
     assert_eq!(sem.tokens(), sem.limit(), "seed {seed}: tokens were lost");
-    assert_eq!(sem.waiting(), 0, "seed {seed}");
+    assert_eq!(sem.waiting(), 0, "seed {seed}: waiters were left queued");
 }
 
 #[test]
