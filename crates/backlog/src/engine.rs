@@ -125,11 +125,15 @@ where
     let consumer = move |outcome| consume(outcome, state_ref, failed_ref, gauge);
     let backlog = Backlog::from_stream(&limiter, items, work).for_each(consumer);
     let report = drive(backlog, &state, &sink_failed, gauge).await?;
+    let mut state = state.into_inner();
+    // The last outcome's write can fail in the same poll that ends the
+    // backlog, and then `drive` sees the end first.
+    if let Some(error) = state.fatal.take() {
+        return Err(error);
+    }
     if let Some(reason) = report.stopped {
         bail!("the backlog stopped early: {reason}");
     }
-
-    let state = state.into_inner();
     Ok(state.sinks.progress.finish(gauge.max()))
 }
 

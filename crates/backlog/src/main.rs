@@ -10,7 +10,7 @@ mod results;
 mod source;
 mod template;
 
-use std::io;
+use std::io::{self, Write};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -23,19 +23,30 @@ use crate::config::Config;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 enum Status {
-    /// Every item succeeded, or the reader of stdout went away.
+    /// Every item succeeded.
     Success = 0,
     /// At least one item failed, and the others still ran.
     ItemsFailed = 1,
     /// The arguments were invalid or the run could not go on. Clap uses the
     /// same status for usage errors.
     Fatal = 2,
+    /// The reader of stdout went away, so the run stopped early. A shell
+    /// reports the same status, 128 + 13, for a process killed by SIGPIPE.
+    StdoutClosed = 141,
 }
 
 fn main() -> ExitCode {
     match run() {
         Ok(code) => code,
-        Err(error) if is_broken_pipe(&error) => ExitCode::from(Status::Success as u8),
+        Err(error) if is_broken_pipe(&error) => {
+            // stderr may be the same closed pipe, so this line is best effort.
+            let _ = writeln!(
+                io::stderr(),
+                "backlog: stopped because standard output was closed; \
+                 running commands were killed and the remaining items did not run"
+            );
+            ExitCode::from(Status::StdoutClosed as u8)
+        }
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::from(Status::Fatal as u8)

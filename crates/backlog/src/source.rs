@@ -105,6 +105,12 @@ pub async fn open(path: &Path) -> io::Result<Box<dyn AsyncBufRead + Unpin + Send
         return Ok(Box::new(BufReader::with_capacity(READ_BUFFER_BYTES, stdin)));
     }
     let file = tokio::fs::File::open(path).await?;
+    if file.metadata().await?.is_dir() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "it is a directory; give a file of items, one per line",
+        ));
+    }
     Ok(Box::new(BufReader::with_capacity(READ_BUFFER_BYTES, file)))
 }
 
@@ -198,7 +204,8 @@ fn parse_item(raw: RawLine, format: Format) -> ItemKind {
     let text = match String::from_utf8(raw.bytes) {
         Ok(text) => text,
         Err(error) => {
-            let reason = format!("invalid UTF-8: {}", error.utf8_error());
+            let offset = error.utf8_error().valid_up_to();
+            let reason = format!("invalid UTF-8 at byte offset {offset}");
             let raw = String::from_utf8_lossy(error.as_bytes()).into_owned();
             return ItemKind::Malformed { raw, reason };
         }
@@ -213,7 +220,15 @@ fn parse_json(text: String) -> ItemKind {
     let reason = match serde_json::from_str::<Value>(&text) {
         Ok(value @ Value::Object(_)) => return ItemKind::Json(value),
         Ok(other) => format!("not a JSON object but {}", json_type_name(&other)),
-        Err(error) => format!("invalid JSON: {error}"),
+        Err(error) => {
+            // serde_json ends its message with the position in the parsed
+            // text, whose line number would clash with the input's.
+            let message = error.to_string();
+            let message = message
+                .rsplit_once(" at line ")
+                .map_or(message.as_str(), |(start, _)| start);
+            format!("invalid JSON at column {}: {message}", error.column())
+        }
     };
     ItemKind::Malformed { raw: text, reason }
 }

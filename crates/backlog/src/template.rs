@@ -130,9 +130,10 @@ fn render_arg(segments: &[Segment], item: &ItemKind) -> Result<String, FieldNotF
 
 /// Returns the text that `{}` and standard input get for an item.
 ///
-/// NOTE: a JSON item is re-serialised with its keys sorted, because
-/// serde_json's `preserve_order` feature is not enabled. Enabling it (it adds
-/// the `indexmap` crate) would keep the order of the input line.
+/// A JSON item is re-serialised compactly. Its keys keep their input order
+/// and its numbers keep their digits (only an exponent gains a `+`), because
+/// serde_json is built with the `preserve_order` and `arbitrary_precision`
+/// features.
 pub fn item_text(item: &ItemKind) -> String {
     match item {
         ItemKind::Text(line) => line.clone(),
@@ -241,6 +242,21 @@ mod tests {
             render_one("{}", &item).as_deref(),
             Ok(r#"{"a":1,"b":"two"}"#)
         );
+    }
+
+    #[test]
+    fn render_json_keeps_digits_and_order() {
+        let line = r#"{"z": 12345678901234567890123, "f": 1.10, "e": 1e2, "a": 0.1}"#;
+        let item = ItemKind::Json(serde_json::from_str(line).unwrap());
+        assert_eq!(
+            render_one("{}", &item).as_deref(),
+            Ok(r#"{"z":12345678901234567890123,"f":1.10,"e":1e+2,"a":0.1}"#)
+        );
+        assert_eq!(
+            render_one("{z}", &item).as_deref(),
+            Ok("12345678901234567890123")
+        );
+        assert_eq!(render_one("{e}", &item).as_deref(), Ok("1e+2"));
     }
 
     #[test]

@@ -175,8 +175,14 @@ fn run_malformed_items_fail_with_line() {
         stderr.contains("done 2, failed 3 (3 malformed),"),
         "{stderr}"
     );
-    assert!(stderr.contains("  line 2: invalid JSON: "), "{stderr}");
-    assert!(stderr.contains("  line 3: invalid UTF-8: "), "{stderr}");
+    assert!(
+        stderr.contains("  line 2: invalid JSON at column 2: key must be a string\n"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("  line 3: invalid UTF-8 at byte offset 13\n"),
+        "{stderr}"
+    );
     let too_long = "  line 4: line is longer than the limit of 1048576 bytes";
     assert!(stderr.contains(too_long), "{stderr}");
 
@@ -194,6 +200,19 @@ fn run_malformed_items_fail_with_line() {
         .as_str()
         .unwrap()
         .contains("longer than the limit"));
+}
+
+#[test]
+fn run_directory_input_names_path() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().to_str().unwrap().to_owned();
+    backlog()
+        .args(["run", &path, "--", "true"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains(format!(
+            "cannot open input file '{path}': it is a directory"
+        )));
 }
 
 #[test]
@@ -443,7 +462,7 @@ fn run_log_lines_name_each_item() {
 }
 
 #[test]
-fn run_closed_stdout_exits_zero() {
+fn run_closed_stdout_exits_141() {
     let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin!("backlog"))
         .args(["run", "--max-run", "2", "-", "--", "echo", "{}"])
         .stdin(Stdio::piped())
@@ -474,8 +493,53 @@ fn run_closed_stdout_exits_zero() {
 
     let mut stderr = String::new();
     child.stderr.unwrap().read_to_string(&mut stderr).unwrap();
-    assert_eq!(status.code(), Some(0), "{stderr}");
-    assert!(!stderr.contains("error"), "{stderr}");
+    assert_eq!(status.code(), Some(141), "{stderr}");
+    assert!(
+        stderr.contains("stopped because standard output was closed"),
+        "{stderr}"
+    );
     // The run stopped at the broken pipe instead of running every item.
     assert!(!stderr.contains("done 20000"), "{stderr}");
+}
+
+/// Runs `backlog` with its stdout or results file on `/dev/full`, several
+/// times because the failing write can race with the end of the backlog.
+fn assert_full_disk_is_fatal(use_results_file: bool, expected: &str) {
+    let dir = TempDir::new().unwrap();
+    let input = write_input(&dir, "in.txt", b"1\n2\n3\n");
+    for attempt in 0..10 {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let mut command = std::process::Command::new(assert_cmd::cargo::cargo_bin!("backlog"));
+        command.arg("run").arg(&input);
+        if use_results_file {
+            command.args(["--results", "/dev/full"]);
+        } else {
+            command.stdout(full);
+        }
+        let output = command.args(["--", "echo", "{}"]).output().unwrap();
+        let stderr = stderr_of(&output);
+        assert_eq!(output.status.code(), Some(2), "attempt {attempt}: {stderr}");
+        assert!(stderr.contains(expected), "attempt {attempt}: {stderr}");
+    }
+}
+
+#[test]
+fn results_file_full_disk_exits_two() {
+    if !Path::new("/dev/full").exists() {
+        eprintln!("skipped: /dev/full is missing");
+        return;
+    }
+    assert_full_disk_is_fatal(true, "cannot write to the results file");
+}
+
+#[test]
+fn stdout_full_disk_exits_two() {
+    if !Path::new("/dev/full").exists() {
+        eprintln!("skipped: /dev/full is missing");
+        return;
+    }
+    assert_full_disk_is_fatal(false, "cannot write to standard output");
 }
