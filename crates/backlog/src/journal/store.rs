@@ -648,7 +648,219 @@ fn shorten(text: &str, max: usize) -> &str {
 
 #[cfg(test)]
 mod tests {
+    use tempfile::TempDir;
+
     use super::*;
+
+    const RULE: &str = "test keys";
+
+    fn claim_op(key: &str, line: u64) -> Op {
+        Op::Claim(ClaimRequest {
+            key: key.to_owned(),
+            line,
+            text: format!("text of {key}"),
+        })
+    }
+
+    fn claim_one(store: &mut Store, key: &str, line: u64) -> Claim {
+        match store.apply(&[claim_op(key, line)]).unwrap().remove(0) {
+            Reply::Claim(claim) => claim,
+            other => panic!("a claim got {other:?}"),
+        }
+    }
+
+    fn finish(store: &mut Store, key: &str, end: AttemptEnd) {
+        let op = Op::FinishAttempt(key.to_owned(), end);
+        assert_eq!(store.apply(&[op]).unwrap(), [Reply::Finished]);
+    }
+
+    fn failure(code: i32) -> AttemptRecord {
+        AttemptRecord {
+            exit_code: Some(code),
+            error: Some(format!("exit status {code}")),
+            stderr_tail: vec!["first".to_owned(), "last".to_owned()],
+            ..AttemptRecord::default()
+        }
+    }
+
+    /// Returns the state, attempts and error of `key`, read on another
+    /// connection, as a later run or `status` would see them.
+    fn row(path: &Path, key: &str) -> (String, u32, Option<String>) {
+        let conn = Connection::open(path).unwrap();
+        conn.query_row(
+            "SELECT state, attempts, error FROM items WHERE key = ?1",
+            [key],
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+        )
+        .unwrap()
+    }
+
+    /// Makes the lock holder look like a process that has ended.
+    fn forget_holder(path: &Path) {
+        let conn = Connection::open(path).unwrap();
+        conn.execute("UPDATE runs SET start_ticks = start_ticks + 1", [])
+            .unwrap();
+    }
+
+    #[test]
+    fn claim_runs_new_item_and_skips_done() {
+        let dir = TempDir::new().unwrap();
+        let path = dir.path().join("journal.db");
+        let (mut store, started) = Store::open(&path, RULE, false).unwrap();
+        assert_eq!(started, Started { run: 1, died: None });
+        assert_eq!(claim_one(&mut store, "a", 1), Claim::Run { attempt: 1 });
+        assert_eq!(row(&path, "a").0, "running");
+        finish(
+            &mut store,
+            "a",
+            AttemptEnd::Succeeded(AttemptRecord::default()),
+        );
+        assert_eq!(row(&path, "a"), ("done".to_owned(), 1, None));
+        store.close("completed").unwrap();
+
+        let (mut store, started) = Store::open(&path, RULE, false).unwrap();
+        assert_eq!(started.run, 2);
+        assert_eq!(claim_one(&mut store, "a", 3), Claim::Skip(Skip::Done));
+        store.close("completed").unwrap();
+    }
+
+    #[test]
+    fn claim_skips_duplicate_in_same_run() {
+        let dir = TempDir::new().unwrap();
+        let path = dir.path().join("journal.db");
+        let (mut store, _) = Store::open(&path, RULE, false).unwrap();
+        let replies = store
+            .apply(&[claim_op("a", 1), claim_op("b", 2), claim_op("a", 3)])
+            .unwrap();
+        let duplicate = Claim::Skip(Skip::Duplicate { first_line: 1 });
+        assert_eq!(
+            replies,
+            [
+                Reply::Claim(Claim::Run { attempt: 1 }),
+                Reply::Claim(Claim::Run { attempt: 1 }),
+                Reply::Claim(duplicate),
+            ]
+        );
+    }
+
+    #[test]
+    fn failed_item_runs_again_only_with_retry_failed() {
+        let dir = TempDir::new().unwrap();
+        let path = dir.path().join("journal.db");
+        let (mut store, _) = Store::open(&path, RULE, false).unwrap();
+        claim_one(&mut store, "a", 1);
+        finish(&mut store, "a", AttemptEnd::Failed(failure(3)));
+        store.close("completed").unwrap();
+
+        let (mut store, _) = Store::open(&path, RULE, false).unwrap();
+        let skipped = Claim::Skip(Skip::Failed {
+            error: "exit status 3".to_owned(),
+        });
+        assert_eq!(claim_one(&mut store, "a", 1), skipped);
+        store.close("completed").unwrap();
+
+        let (mut store, _) = Store::open(&path, RULE, true).unwrap();
+        assert_eq!(claim_one(&mut store, "a", 1), Claim::Run { attempt: 2 });
+    }
+
+    #[test]
+    fn retry_and_interruption_are_recorded_per_attempt() {
+        let dir = TempDir::new().unwrap();
+        let path = dir.path().join("journal.db");
+        let (mut store, _) = Store::open(&path, RULE, false).unwrap();
+        claim_one(&mut store, "a", 1);
+        finish(&mut store, "a", AttemptEnd::WillRetry(failure(1)));
+        let error = Some("exit status 1".to_owned());
+        assert_eq!(row(&path, "a"), ("pending".to_owned(), 1, error));
+
+        let op = Op::StartAttempt("a".to_owned());
+        assert_eq!(store.apply(&[op]).unwrap(), [Reply::Attempt(2)]);
+        assert_eq!(row(&path, "a").0, "running");
+        finish(
+            &mut store,
+            "a",
+            AttemptEnd::Interrupted("SIGINT".to_owned()),
+        );
+        let error = Some("interrupted: SIGINT".to_owned());
+        assert_eq!(row(&path, "a"), ("pending".to_owned(), 2, error));
+        store.close("stopped: SIGINT").unwrap();
+
+        let (mut store, _) = Store::open(&path, RULE, false).unwrap();
+        assert_eq!(claim_one(&mut store, "a", 1), Claim::Run { attempt: 3 });
+    }
+
+    #[test]
+    fn close_returns_running_items_to_pending() {
+        let dir = TempDir::new().unwrap();
+        let path = dir.path().join("journal.db");
+        let (mut store, _) = Store::open(&path, RULE, false).unwrap();
+        claim_one(&mut store, "a", 1);
+        store
+            .close("stopped: cannot write to standard output")
+            .unwrap();
+        let (state, attempts, error) = row(&path, "a");
+        assert_eq!((state.as_str(), attempts), ("pending", 1));
+        assert_eq!(
+            error.as_deref(),
+            Some("interrupted: stopped: cannot write to standard output")
+        );
+    }
+
+    #[test]
+    fn live_lock_rejects_second_run() {
+        let dir = TempDir::new().unwrap();
+        let path = dir.path().join("journal.db");
+        let (_store, _) = Store::open(&path, RULE, false).unwrap();
+        let error = Store::open(&path, RULE, false).unwrap_err().to_string();
+        let expected = format!(
+            "journal '{}' is in use by run 1 (pid {} on host ",
+            path.display(),
+            std::process::id()
+        );
+        assert!(error.starts_with(&expected), "{error}");
+    }
+
+    #[test]
+    fn dead_lock_holder_is_taken_over() {
+        let dir = TempDir::new().unwrap();
+        let path = dir.path().join("journal.db");
+        let (mut killed, _) = Store::open(&path, RULE, false).unwrap();
+        claim_one(&mut killed, "a", 1);
+        claim_one(&mut killed, "b", 2);
+        finish(
+            &mut killed,
+            "b",
+            AttemptEnd::Succeeded(AttemptRecord::default()),
+        );
+        // The run dies: no close, its lock and running marks stay.
+        drop(killed);
+        forget_holder(&path);
+
+        let (mut store, started) = Store::open(&path, RULE, false).unwrap();
+        let died = started.died.expect("the dead run is reported");
+        assert_eq!((died.run, died.running), (1, 1));
+        assert_eq!(died.owner.pid, std::process::id());
+        assert_eq!(claim_one(&mut store, "a", 1), Claim::Run { attempt: 2 });
+        assert_eq!(claim_one(&mut store, "b", 2), Claim::Skip(Skip::Done));
+    }
+
+    #[test]
+    fn other_key_rule_is_rejected() {
+        let dir = TempDir::new().unwrap();
+        let path = dir.path().join("journal.db");
+        Store::open(&path, RULE, false)
+            .unwrap()
+            .0
+            .close("completed")
+            .unwrap();
+        let error = Store::open(&path, "other keys", false).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("identifies items by test keys, but this run would use other keys"),
+            "{error}"
+        );
+    }
 
     #[test]
     fn utc_text_formats_known_dates() {
