@@ -45,7 +45,7 @@ struct Finished {
     journal: Journaled,
 }
 
-/// What the journal did with an item.
+/// The journal's part in an item's outcome.
 #[derive(Debug)]
 enum Journaled {
     /// The item ran, and its end is recorded or there is no journal.

@@ -1,7 +1,7 @@
 //! Kills `backlog run --journal` with SIGKILL again and again in the middle
-//! of a backlog, reruns it each time, and checks with a ledger that the
-//! commands append to that no item is lost and that each kill made at most
-//! `--max-run` items run twice.
+//! of a backlog and reruns it each time. The commands append their item to
+//! a ledger file, which shows that no item is lost and that each kill made
+//! at most `--max-run` items run twice.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::process::CommandExt;
@@ -17,7 +17,7 @@ const ITEMS: usize = 200;
 const MAX_RUN: usize = 4;
 const KILLS: usize = 20;
 
-/// The longest a run may take to reach its kill point or its end.
+/// The maximum time a run may take to reach its kill point or its end.
 const RUN_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A small xorshift generator, so that the kill points vary from run to run

@@ -13,7 +13,7 @@ pub struct JournalError {
     message: String,
 }
 
-/// What the failed journal access was doing, for the message.
+/// The kind of journal access that failed, for the message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
     Open,

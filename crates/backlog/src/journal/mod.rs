@@ -5,8 +5,8 @@
 //! An item is marked `running`, and the mark committed, before its command
 //! starts. It is marked `done` or `failed` only after the command has
 //! exited. One writer thread owns the SQLite connection and commits the
-//! requests that arrive together in one transaction, so SQLite never blocks
-//! the async runtime. A kill can therefore leave at most one `running` mark
+//! requests that arrive together in one transaction. Async code only sends
+//! on a channel and awaits a reply, so SQLite never blocks the runtime. A kill can therefore leave at most one `running` mark
 //! per command that was running, and never a `done` for a command that did
 //! not finish.
 
@@ -31,7 +31,7 @@ pub use self::owner::{Liveness, Owner};
 pub use self::store::Started;
 use self::store::{ClaimRequest, Op, Reply, Store};
 
-/// The most requests committed in one transaction.
+/// The maximum number of requests committed in one transaction.
 const MAX_BATCH: usize = 512;
 
 /// The journal settings of `backlog run`.
@@ -39,13 +39,13 @@ const MAX_BATCH: usize = 512;
 pub struct JournalConfig {
     /// The SQLite file.
     pub path: PathBuf,
-    /// How an item's identity is made.
+    /// The rule that makes an item's identity.
     pub key: KeyRule,
     /// Whether items that failed in an earlier run run again.
     pub retry_failed: bool,
 }
 
-/// How an item's identity (its key in the journal) is made.
+/// The rule that makes an item's identity, its key in the journal.
 #[derive(Debug, Clone, PartialEq)]
 pub enum KeyRule {
     /// The SHA-256 of the item's text, in hexadecimal.
@@ -72,7 +72,7 @@ pub enum Claim {
     Skip(Skip),
 }
 
-/// Why an item does not run.
+/// The reason an item does not run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Skip {
     /// An earlier run finished it.
@@ -89,20 +89,20 @@ pub enum Skip {
     },
 }
 
-/// What an attempt recorded: its exit status and errors.
+/// The record of one attempt: its exit status and errors.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AttemptRecord {
     /// The exit code, if the command exited.
     pub exit_code: Option<i32>,
     /// The signal that ended the command, if one did.
     pub signal: Option<i32>,
-    /// Why the attempt failed, or `None` when it succeeded.
+    /// The reason the attempt failed, or `None` when it succeeded.
     pub error: Option<String>,
     /// The last lines of the command's standard error.
     pub stderr_tail: Vec<String>,
 }
 
-/// How one attempt of an item ended.
+/// The end of one attempt of an item.
 #[derive(Debug, Clone, PartialEq, Eq)]
 // Only `Succeeded` and `Failed` are built outside tests until runs retry
 // items or stop on a signal.
@@ -120,7 +120,7 @@ pub enum AttemptEnd {
     Interrupted(String),
 }
 
-/// What happens to an item in a run with a journal.
+/// The journal's decision about an item, made before it runs.
 #[derive(Debug)]
 pub enum Admission {
     /// The item is marked running: run it, then record the end of the attempt.
@@ -143,7 +143,7 @@ pub enum Admission {
 /// The handle of an open journal, used from async code.
 ///
 /// Every request goes to the writer thread and resolves once the batch
-/// that holds it is committed.
+/// that contains it is committed.
 #[derive(Debug)]
 pub struct Journal {
     requests: mpsc::Sender<Request>,
@@ -359,7 +359,7 @@ impl Journal {
     }
 }
 
-/// Opens the journal of a run and tells on stderr when the previous run
+/// Opens the journal of a run and reports on stderr when the previous run
 /// died, because its unfinished items run again.
 ///
 /// # Errors

@@ -1,6 +1,6 @@
 //! The journal's SQLite file: its schema, the run lock and the item
-//! records. During a run only the journal's writer thread calls into this
-//! module, so SQLite never blocks the async runtime.
+//! records. During a run only the journal's writer thread (`serve` in the
+//! parent module) owns a `Store`, so SQLite never blocks the async runtime.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -11,8 +11,8 @@ use super::error::{Access, JournalError};
 use super::owner::{Liveness, Owner};
 use super::{AttemptEnd, AttemptRecord, Claim, Skip};
 
-/// The SQLite application id of a journal, "blog" in ASCII, which tells a
-/// journal from any other SQLite file.
+/// The SQLite application id of a journal, "blog" in ASCII, which
+/// distinguishes a journal from any other SQLite file.
 pub const APPLICATION_ID: i32 = 0x626c_6f67;
 
 /// The schema version this build reads and writes, kept in `user_version`.
@@ -21,7 +21,7 @@ pub const SCHEMA_VERSION: i32 = 1;
 /// How long a connection waits for another connection's SQLite lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The most bytes of an item's text kept in the journal, for `status`.
+/// The maximum number of bytes of an item's text kept for `status`.
 const ITEM_TEXT_BYTES: usize = 1024;
 
 const SCHEMA: &str = "
@@ -85,7 +85,7 @@ pub struct Store {
     retry_failed: bool,
 }
 
-/// What the journal tells about the run that starts.
+/// The facts about a starting run that the journal reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Started {
     /// The id of the new run.
@@ -117,7 +117,7 @@ pub struct RunRecord {
     pub started_at: i64,
     /// When it ended, or `None` while it runs or when it died.
     pub finished_at: Option<i64>,
-    /// How it ended, or `None` while it runs or when it died.
+    /// Its outcome, or `None` while it runs or when it died.
     pub outcome: Option<String>,
 }
 
@@ -194,7 +194,7 @@ pub fn open_read_only(path: &Path) -> Result<Connection, JournalError> {
     Ok(conn)
 }
 
-/// Checks that `conn` holds a journal of this schema version. Returns
+/// Checks that `conn` contains a journal of this schema version. Returns
 /// `false` for an empty database, which a run may turn into a journal.
 fn check_schema(conn: &Connection, path: &Path) -> Result<bool, JournalError> {
     let read = |e: rusqlite::Error| JournalError::sqlite(path, Access::Read, &e);
@@ -582,8 +582,8 @@ fn claim(
         _ => None,
     };
     if let Some(skip) = skip {
-        // Marking the item as seen by this run lets a later duplicate in
-        // the same input be told from it.
+        // Marking the item as seen by this run lets a later line with the
+        // same key in this input count as a duplicate.
         tx.execute(
             "UPDATE items SET run = ?2, line = ?3 WHERE key = ?1",
             params![request.key, run, request.line],
