@@ -282,6 +282,10 @@ impl Journal {
     /// Decides whether `item` runs, and marks it running if it does. The
     /// mark is committed when this returns.
     ///
+    /// NOTE: a skipped item also waits for a commit, and at most `--max-run`
+    /// claims share one, so skipping a long finished prefix of the input
+    /// costs one fsync per `--max-run` items.
+    ///
     /// # Errors
     ///
     /// Fails when the journal cannot be written.
