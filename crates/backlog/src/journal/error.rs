@@ -45,6 +45,8 @@ impl JournalError {
             Some(ErrorCode::DatabaseCorrupt) => {
                 format!("journal '{path}' is corrupt ({error}). {replace}")
             }
+            // NOTE: tests reach the write-error branch below through a file
+            // size limit (EFBIG), never this one, which needs a full disk.
             Some(ErrorCode::DiskFull) => format!(
                 "cannot {verb} journal '{path}': the disk is full. Free space on its file system, {rerun}"
             ),
