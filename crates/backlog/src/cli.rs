@@ -26,6 +26,9 @@ pub enum Command {
     /// `}}` write literal braces. The item is also written to the command's
     /// standard input.
     Run(RunArgs),
+    /// Shows the state of a journal: counts by state, failed items with
+    /// their last error, and items that were running when a run died.
+    Status(StatusArgs),
 }
 
 /// The arguments of `backlog run`.
@@ -43,6 +46,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE")]
     pub results: Option<PathBuf>,
 
+    #[command(flatten)]
+    pub journal: JournalArgs,
+
     /// Sets the file to read items from, one per line. `-` reads standard input.
     #[arg(value_name = "INPUT")]
     pub input: PathBuf,
@@ -50,6 +56,38 @@ pub struct RunArgs {
     /// Sets the command to run per item, with its arguments, after `--`.
     #[arg(value_name = "COMMAND", last = true, required = true, num_args = 1..)]
     pub command: Vec<String>,
+}
+
+/// The journal options of `backlog run`.
+#[derive(Debug, Args)]
+pub struct JournalArgs {
+    /// Records each item's state in the SQLite file FILE, so that a rerun
+    /// skips the items that finished and runs again those that did not.
+    #[arg(long, value_name = "FILE")]
+    pub journal: Option<PathBuf>,
+
+    /// Sets the identity of an item in the journal, with the placeholders of
+    /// COMMAND: for example `{id}` with --jsonl. Default: the SHA-256 of the
+    /// item's text.
+    #[arg(long, value_name = "TEMPLATE", requires = "journal")]
+    pub key: Option<String>,
+
+    /// Runs again the items that failed in an earlier run of the journal,
+    /// which are skipped otherwise.
+    #[arg(long, requires = "journal")]
+    pub retry_failed: bool,
+}
+
+/// The arguments of `backlog status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Sets the journal to read, as written by `backlog run --journal`.
+    #[arg(long, value_name = "FILE")]
+    pub journal: PathBuf,
+
+    /// Prints one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Parses `--max-run`, naming the valid range for a non-number as well as

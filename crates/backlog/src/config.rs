@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 
 use crate::cli::RunArgs;
+use crate::journal::JournalConfig;
 use crate::source::Format;
 use crate::template::Template;
 
@@ -27,6 +28,8 @@ pub struct Config {
     pub template: Template,
     /// Whether to draw a progress bar, because stderr is a terminal.
     pub progress_bar: bool,
+    /// The journal of item states, if `--journal` was given.
+    pub journal: Option<JournalConfig>,
 }
 
 impl Config {
@@ -57,6 +60,7 @@ impl Config {
             results: args.results,
             template,
             progress_bar: std::io::stderr().is_terminal(),
+            journal: JournalConfig::from_args(args.journal, args.jsonl),
         })
     }
 }

@@ -17,6 +17,7 @@ use tokio::time::MissedTickBehavior;
 
 use crate::config::Config;
 use crate::exec::{Gauge, ItemResult, Job, ProcessRunner, Runner};
+use crate::journal::{self, Admission, AttemptEnd, Journal, JournalError, Skip};
 use crate::progress::{Progress, Summary};
 use crate::results::ResultsWriter;
 use crate::source::{self, Item, ItemKind};
@@ -41,6 +42,18 @@ pub struct Sinks<W, F: Write> {
 struct Finished {
     item: Item,
     result: ItemResult,
+    journal: Journaled,
+}
+
+/// The journal's part in an item's outcome.
+#[derive(Debug)]
+enum Journaled {
+    /// The item ran, and its end is recorded or there is no journal.
+    Recorded,
+    /// The item did not run, for the given reason.
+    Skipped(Skip),
+    /// Writing to the journal failed, before or after the command ran.
+    Failed { error: JournalError, ran: bool },
 }
 
 /// The sinks, and the first error that made writing to them impossible.
@@ -81,8 +94,27 @@ pub async fn run(config: &Config) -> anyhow::Result<Summary> {
         results,
         progress,
     };
+    let journal = match &config.journal {
+        Some(journal_config) => Some(journal::open(journal_config).await?),
+        None => None,
+    };
     let runner = ProcessRunner::default();
-    let summary = process(&config.template, config.max_run, &runner, items, &mut sinks).await?;
+    let template = &config.template;
+    let processed = process(
+        template,
+        config.max_run,
+        &runner,
+        items,
+        &mut sinks,
+        journal.as_ref(),
+    )
+    .await;
+    let closed = match journal {
+        Some(journal) => journal.close(&journal::run_outcome(&processed)).await,
+        None => Ok(()),
+    };
+    let summary = processed?;
+    closed?;
     eprintln!("{summary}");
 
     if let Some(error) = read_failure.take() {
@@ -109,6 +141,7 @@ pub async fn process<R, S, W, F>(
     runner: &R,
     items: S,
     sinks: &mut Sinks<W, F>,
+    journal: Option<&Journal>,
 ) -> anyhow::Result<Summary>
 where
     R: Runner,
@@ -121,7 +154,7 @@ where
     let sink_failed = Notify::new();
     let (state_ref, failed_ref, gauge) = (&state, &sink_failed, runner.gauge());
 
-    let work = move |item: Item| run_item(item, template, runner);
+    let work = move |item: Item| run_item(item, template, runner, journal);
     let consumer = move |outcome| consume(outcome, state_ref, failed_ref, gauge);
     let backlog = Backlog::from_stream(&limiter, items, work).for_each(consumer);
     let report = drive(backlog, &state, &sink_failed, gauge).await?;
@@ -169,18 +202,52 @@ where
     }
 }
 
-/// Runs one item, or fails it at once when it cannot be run. The `Err`
-/// side marks the item as failed for the backlog's counts.
+/// Runs one item, or fails it at once when it cannot be run. With a
+/// journal, the item is marked running before its command starts and its
+/// end is recorded after the command exits. The `Err` side marks the item
+/// as failed for the backlog's counts.
 async fn run_item<R: Runner>(
     item: Item,
     template: &Template,
     runner: &R,
+    journal: Option<&Journal>,
 ) -> Result<Finished, Finished> {
+    let admission = match journal {
+        Some(journal) => match journal.admit(&item).await {
+            Ok(admission) => admission,
+            Err(error) => return Err(Finished::journal_failed(item, error, false)),
+        },
+        None => Admission::Untracked,
+    };
+    let key = match admission {
+        Admission::Run { key, .. } => Some(key),
+        Admission::Untracked => None,
+        Admission::Skip(skip) => {
+            return Ok(Finished::new(
+                item,
+                ItemResult::default(),
+                Journaled::Skipped(skip),
+            ))
+        }
+        Admission::NoKey(reason) => {
+            return Err(Finished::new(
+                item,
+                ItemResult::failed(reason),
+                Journaled::Recorded,
+            ))
+        }
+    };
     let result = match job_for(&item, template) {
         Ok(job) => runner.run(job).await,
         Err(reason) => ItemResult::failed(reason),
     };
-    let finished = Finished { item, result };
+    let mut finished = Finished::new(item, result, Journaled::Recorded);
+    if let (Some(journal), Some(key)) = (journal, key) {
+        let end = AttemptEnd::last(&finished.result);
+        if let Err(error) = journal.finish_attempt(&key, end).await {
+            finished.journal = Journaled::Failed { error, ran: true };
+        }
+    }
     if finished.result.is_ok() {
         Ok(finished)
     } else {
@@ -222,11 +289,59 @@ async fn consume<W, F>(
     }
 }
 
+impl Finished {
+    fn new(item: Item, result: ItemResult, journal: Journaled) -> Self {
+        Finished {
+            item,
+            result,
+            journal,
+        }
+    }
+
+    fn journal_failed(item: Item, error: JournalError, ran: bool) -> Self {
+        let result = ItemResult::failed(error.to_string());
+        Finished::new(item, result, Journaled::Failed { error, ran })
+    }
+}
+
 impl<W: AsyncWrite + Unpin, F: Write> Sinks<W, F> {
     /// Records the item first, so that the results file is complete even
-    /// when writing stdout fails.
+    /// when writing stdout fails. A journal failure is returned after the
+    /// item's output is written, because the run cannot go on without it.
     async fn record(&mut self, finished: &Finished, running: usize) -> anyhow::Result<()> {
-        let Finished { item, result } = finished;
+        let Finished {
+            item,
+            result,
+            journal,
+        } = finished;
+        match journal {
+            Journaled::Skipped(skip) => {
+                self.progress.skipped(item, skip, running);
+                return Ok(());
+            }
+            Journaled::Failed { error, ran: false } => {
+                let line = item.line;
+                return Err(anyhow::Error::new(error.clone()))
+                    .with_context(|| format!("cannot start the item of line {line}"));
+            }
+            Journaled::Recorded | Journaled::Failed { ran: true, .. } => {}
+        }
+        self.write_outcome(item, result, running).await?;
+        if let Journaled::Failed { error, .. } = journal {
+            let line = item.line;
+            return Err(anyhow::Error::new(error.clone())).with_context(|| {
+                format!("the item of line {line} finished, but the journal does not record it")
+            });
+        }
+        Ok(())
+    }
+
+    async fn write_outcome(
+        &mut self,
+        item: &Item,
+        result: &ItemResult,
+        running: usize,
+    ) -> anyhow::Result<()> {
         if let Some(results) = &mut self.results {
             results
                 .write(item, result)
@@ -286,7 +401,7 @@ mod tests {
         let runner = MockRunner::new(sleep_and_echo);
         let max_run = NonZeroUsize::new(max_run).unwrap();
         let items = stream::iter(text_items(lines));
-        process(&template, max_run, &runner, items, &mut sinks()).await
+        process(&template, max_run, &runner, items, &mut sinks(), None).await
     }
 
     #[tokio::test(start_paused = true)]
@@ -315,9 +430,16 @@ mod tests {
         let template = Template::parse(&["sleep".to_owned(), "{}".to_owned()], false);
         let runner = MockRunner::new(sleep_and_echo);
         let items = stream::iter(items);
-        let summary = process(&template, NonZeroUsize::MIN, &runner, items, &mut sinks())
-            .await
-            .unwrap();
+        let summary = process(
+            &template,
+            NonZeroUsize::MIN,
+            &runner,
+            items,
+            &mut sinks(),
+            None,
+        )
+        .await
+        .unwrap();
 
         assert_eq!(
             (summary.succeeded, summary.failed, summary.malformed),
@@ -336,7 +458,7 @@ mod tests {
         let max_run = NonZeroUsize::new(3).unwrap();
         let items = stream::iter(text_items(&["30", "10", "20"]));
         let mut sinks = sinks();
-        process(&template, max_run, &runner, items, &mut sinks)
+        process(&template, max_run, &runner, items, &mut sinks, None)
             .await
             .unwrap();
 

@@ -5,9 +5,11 @@ mod cli;
 mod config;
 mod engine;
 mod exec;
+mod journal;
 mod progress;
 mod results;
 mod source;
+mod status;
 mod template;
 
 use std::io::{self, Write};
@@ -56,7 +58,10 @@ fn main() -> ExitCode {
 
 /// Parses the arguments and runs the subcommand.
 fn run() -> anyhow::Result<ExitCode> {
-    let Command::Run(args) = Cli::parse().command;
+    let args = match Cli::parse().command {
+        Command::Run(args) => args,
+        Command::Status(args) => return status::run(&args).map(|()| ExitCode::SUCCESS),
+    };
     let config = Config::from_args(args)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -10,6 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tokio::time::Instant;
 
 use crate::exec::ItemResult;
+use crate::journal::Skip;
 use crate::source::{Item, ItemKind};
 
 /// How many failed items the summary lists.
@@ -39,7 +40,14 @@ pub struct Summary {
     pub failed: u64,
     /// Items that failed because their line was not a valid item.
     pub malformed: u64,
-    /// The first failed items, in the order they finished.
+    /// Items skipped because the journal records them as done.
+    pub skipped_done: u64,
+    /// Items skipped because the journal records them as failed.
+    pub skipped_failed: u64,
+    /// Items skipped because an earlier line has the same key.
+    pub duplicates: u64,
+    /// The first failed items in the order they finished, items skipped
+    /// because they failed in an earlier run included.
     pub failures: Vec<Failure>,
     /// The time from the start of the run to its end.
     pub wall_time: Duration,
@@ -109,12 +117,51 @@ impl Progress {
         self.refresh(running);
     }
 
+    /// Counts an item that the journal skipped and shows it.
+    pub fn skipped(&mut self, item: &Item, skip: &Skip, running: usize) {
+        let summary = &mut self.summary;
+        let reason = match skip {
+            Skip::Done => {
+                summary.skipped_done += 1;
+                "done in an earlier run".to_owned()
+            }
+            Skip::Failed { error } => {
+                summary.skipped_failed += 1;
+                let reason = format!("failed in an earlier run: {error}");
+                if summary.failures.len() < SUMMARY_FAILURES {
+                    let (line, reason) = (item.line, reason.clone());
+                    summary.failures.push(Failure { line, reason });
+                }
+                reason
+            }
+            Skip::Duplicate { first_line } => {
+                summary.duplicates += 1;
+                format!("same key as line {first_line}")
+            }
+        };
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let (index, line) = (item.index, item.line);
+        let text = format!("{elapsed:>6.2}s  skip   #{index} line {line}: {reason}");
+        match &mut self.view {
+            View::Bar(bar) => {
+                if matches!(skip, Skip::Failed { .. }) {
+                    bar.println(text);
+                }
+            }
+            View::Log(out) => drop(writeln!(out, "{text}")),
+        }
+        self.refresh(running);
+    }
+
     /// Redraws the counts, with `running` commands running now.
     pub fn refresh(&self, running: usize) {
         if let View::Bar(bar) = &self.view {
             let summary = &self.summary;
             let (done, failed) = (summary.succeeded, summary.failed);
-            bar.set_message(format!("done {done}  failed {failed}  running {running}"));
+            let skipped = summary.skipped();
+            bar.set_message(format!(
+                "done {done}  failed {failed}  skipped {skipped}  running {running}"
+            ));
         }
     }
 
@@ -179,6 +226,7 @@ impl fmt::Display for Summary {
         if self.malformed > 0 {
             write!(f, " ({} malformed)", self.malformed)?;
         }
+        self.fmt_skipped(f)?;
         let wall_time = self.wall_time.as_secs_f64();
         let commands = if self.max_running == 1 {
             "command"
@@ -192,9 +240,31 @@ impl fmt::Display for Summary {
 }
 
 impl Summary {
-    /// Returns whether every item succeeded.
+    /// Returns whether every item succeeded, now or in an earlier run.
     pub fn all_succeeded(&self) -> bool {
-        self.failed == 0
+        self.failed == 0 && self.skipped_failed == 0
+    }
+
+    /// Returns the number of items the journal skipped.
+    pub fn skipped(&self) -> u64 {
+        self.skipped_done + self.skipped_failed + self.duplicates
+    }
+
+    fn fmt_skipped(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.skipped() == 0 {
+            return Ok(());
+        }
+        let parts = [
+            (self.skipped_done, "done earlier"),
+            (self.skipped_failed, "failed earlier"),
+            (self.duplicates, "duplicate keys"),
+        ];
+        let parts: Vec<String> = parts
+            .iter()
+            .filter(|(count, _)| *count > 0)
+            .map(|(count, what)| format!("{count} {what}"))
+            .collect();
+        write!(f, ", skipped {} ({})", self.skipped(), parts.join(", "))
     }
 
     fn fmt_failures(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -202,13 +272,20 @@ impl Summary {
             return Ok(());
         }
         let listed = self.failures.len();
-        if (listed as u64) < self.failed {
-            write!(f, "\nfirst {listed} of {} failed items:", self.failed)?;
+        let failed = self.failed + self.skipped_failed;
+        if (listed as u64) < failed {
+            write!(f, "\nfirst {listed} of {failed} failed items:")?;
         } else {
             write!(f, "\nfailed items:")?;
         }
         for failure in &self.failures {
             write!(f, "\n  line {}: {}", failure.line, failure.reason)?;
+        }
+        if self.skipped_failed > 0 {
+            write!(
+                f,
+                "\nadd --retry-failed to run the items that failed earlier again"
+            )?;
         }
         Ok(())
     }
