@@ -247,6 +247,65 @@ async fn percent_threshold_waits_for_enough_items() {
     assert_eq!(report.failed, 5);
 }
 
+#[test]
+fn percent_threshold_rejects_invalid_percent() {
+    let sem = DeferredSemaphore::new(1);
+    for percent in [0.0, -5.0, 100.5, f64::NAN] {
+        let threshold = Threshold::Percent {
+            percent,
+            min_finished: 1,
+        };
+        let result = std::panic::catch_unwind(|| {
+            Backlog::new(&sem, 0..1u64, |n| async move { Ok::<_, ()>(n) })
+                .on_failure(FailurePolicy::StopSoon(threshold));
+        });
+        assert!(result.is_err(), "percent {percent} was accepted");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn percent_threshold_needs_one_failure() {
+    let sem = DeferredSemaphore::new(1);
+    let threshold = Threshold::Percent {
+        percent: f64::MIN_POSITIVE,
+        min_finished: 1,
+    };
+    let report = Backlog::new(&sem, 0..20u64, |n| async move { Ok::<_, ()>(n) })
+        .on_failure(FailurePolicy::StopSoon(threshold))
+        .for_each(|_| async {})
+        .await;
+
+    assert!(report.stopped.is_none());
+    assert_eq!(report.succeeded, 20);
+}
+
+/// A limiter that reports the largest possible limit and grants every
+/// acquire at once.
+struct Unbounded;
+
+impl deferred_semaphore::Limiter for Unbounded {
+    type Permit = ();
+    type Error = std::convert::Infallible;
+    type Acquire = future::Ready<Result<(), std::convert::Infallible>>;
+
+    fn acquire(&self) -> Self::Acquire {
+        future::ready(Ok(()))
+    }
+
+    fn limit(&self) -> usize {
+        usize::MAX
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn backlog_accepts_the_largest_limit() {
+    let report = Backlog::new(Unbounded, 0..100u64, |n| async move { Ok::<_, ()>(n) })
+        .for_each(|_| async {})
+        .await;
+
+    assert_eq!(report.succeeded, 100);
+}
+
 #[tokio::test(start_paused = true)]
 async fn closed_limiter_stops_the_backlog() {
     let sem = DeferredSemaphore::new(2);

@@ -259,7 +259,10 @@ where
             permit_slot.take();
             return progressed;
         }
-        let capacity = progress.buffer.unwrap_or(2 * limiter.limit()).max(1);
+        let capacity = progress
+            .buffer
+            .unwrap_or(limiter.limit().saturating_mul(2))
+            .max(1);
         if outcomes.occupied(running.len()) >= capacity {
             return progressed;
         }

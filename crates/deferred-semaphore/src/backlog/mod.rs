@@ -215,6 +215,11 @@ impl<L, S, F> Backlog<L, S, F> {
 
     /// Sets when failures stop the backlog early.
     ///
+    /// # Panics
+    ///
+    /// Panics if the policy has a [`Threshold::Percent`] whose `percent` is
+    /// not above 0 and at most 100 (NaN included).
+    ///
     /// # Examples
     ///
     /// ```
@@ -232,6 +237,18 @@ impl<L, S, F> Backlog<L, S, F> {
     /// # });
     /// ```
     pub fn on_failure(mut self, policy: FailurePolicy) -> Self {
+        let threshold = match &policy {
+            FailurePolicy::KeepGoing => None,
+            FailurePolicy::StopSoon(threshold) | FailurePolicy::StopNow(threshold) => {
+                Some(threshold)
+            }
+        };
+        if let Some(Threshold::Percent { percent, .. }) = threshold {
+            assert!(
+                *percent > 0.0 && *percent <= 100.0,
+                "Threshold::Percent needs a percent above 0 and at most 100, got {percent}"
+            );
+        }
         self.policy = policy;
         self
     }

@@ -36,7 +36,7 @@ pub enum Threshold {
     /// Once at least `min_finished` items have finished and this percentage
     /// of them failed.
     Percent {
-        /// The share of finished items that failed, from 0 to 100.
+        /// The share of finished items that failed, above 0 and at most 100.
         percent: f64,
         /// Finished items needed before the share counts, so that one early
         /// failure does not stop a large backlog.
@@ -52,7 +52,10 @@ impl Threshold {
                 percent,
                 min_finished,
             } => {
-                finished >= min_finished.max(1)
+                // At least one failure, so that a percent of 0 (which
+                // `Backlog::on_failure` rejects) could never stop a clean run.
+                failed > 0
+                    && finished >= min_finished.max(1)
                     && failed as f64 * 100.0 >= percent * finished as f64
             }
         }
