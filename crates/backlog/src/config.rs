@@ -3,7 +3,7 @@
 use std::env;
 use std::io::IsTerminal;
 use std::num::NonZeroUsize;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
@@ -49,6 +49,22 @@ impl Config {
         if let Some(program) = template.fixed_program() {
             check_program(program)?;
         }
+        if let Some((shell, script)) = template.placeholder_in_shell_script() {
+            bail!(
+                "the script of `{shell} -c` contains a placeholder: '{script}'. The shell would \
+                 run any shell syntax an item contains. Pass the item as an argument instead, \
+                 as in: {shell} -c 'echo \"$1\"' {shell} {{}}"
+            );
+        }
+        let outputs = [
+            ("--results", &args.results),
+            ("--journal", &args.journal.journal),
+        ];
+        for (option, output) in outputs {
+            if let Some(output) = output {
+                check_not_input(&args.input, option, output)?;
+            }
+        }
         let max_run = usize::try_from(args.max_run)
             .ok()
             .and_then(NonZeroUsize::new)
@@ -82,6 +98,21 @@ fn check_program(program: &str) -> anyhow::Result<()> {
     let found = env::split_paths(&search_path).any(|dir| is_executable(&dir.join(program)));
     if !found {
         bail!("command '{program}' not found in PATH. Install it or give its full path");
+    }
+    Ok(())
+}
+
+/// Checks that an output file is not the input file, which the run would
+/// read its own output from without end.
+fn check_not_input(input: &Path, option: &str, output: &Path) -> anyhow::Result<()> {
+    let (Ok(input_meta), Ok(output_meta)) = (input.metadata(), output.metadata()) else {
+        return Ok(());
+    };
+    if input_meta.dev() == output_meta.dev() && input_meta.ino() == output_meta.ino() {
+        bail!(
+            "{option} '{}' is the input file. Write it to another file",
+            output.display()
+        );
     }
     Ok(())
 }

@@ -115,7 +115,8 @@ pub async fn run(config: &Config) -> anyhow::Result<Summary> {
     };
     let summary = processed?;
     closed?;
-    eprintln!("{summary}");
+    // A closed stderr must not turn a finished run into a failure.
+    let _ = writeln!(std::io::stderr(), "{summary}");
 
     if let Some(error) = read_failure.take() {
         return Err(error)

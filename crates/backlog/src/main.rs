@@ -50,7 +50,7 @@ fn main() -> ExitCode {
             ExitCode::from(Status::StdoutClosed as u8)
         }
         Err(error) => {
-            eprintln!("error: {error:#}");
+            let _ = writeln!(io::stderr(), "error: {error:#}");
             ExitCode::from(Status::Fatal as u8)
         }
     }

@@ -18,6 +18,9 @@ pub struct Template {
     args: Vec<Vec<Segment>>,
 }
 
+/// The shells whose `-c` script must not contain a placeholder.
+const SHELLS: &[&str] = &["sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "busybox"];
+
 /// One piece of an argument.
 #[derive(Debug, Clone, PartialEq)]
 enum Segment {
@@ -49,6 +52,35 @@ impl Template {
             [Segment::Literal(program)] => Some(program),
             _ => None,
         }
+    }
+
+    /// Returns the shell and the script argument when the template runs a
+    /// shell with `-c` and puts a placeholder inside the script, where the
+    /// shell would run any shell syntax an item contains.
+    pub fn placeholder_in_shell_script(&self) -> Option<(&str, String)> {
+        let program = self.fixed_program()?;
+        let name = program.rsplit('/').next().unwrap_or(program);
+        if !SHELLS.contains(&name) {
+            return None;
+        }
+        // The script is the first operand after the options, and one of the
+        // options must contain `c` (as in `-c`, `-ec` or `-xc`).
+        let mut saw_c = false;
+        for arg in &self.args[1..] {
+            match arg.as_slice() {
+                [Segment::Literal(text)] if text == "--" => break,
+                [Segment::Literal(text)] if text.starts_with('-') || text.starts_with('+') => {
+                    saw_c |= text.starts_with('-') && !text.starts_with("--") && text.contains('c');
+                }
+                script => {
+                    let has_placeholder = script
+                        .iter()
+                        .any(|segment| !matches!(segment, Segment::Literal(_)));
+                    return (saw_c && has_placeholder).then(|| (name, unparse(script)));
+                }
+            }
+        }
+        None
     }
 
     /// Renders the argument vector for one item.
@@ -126,6 +158,25 @@ fn render_arg(segments: &[Segment], item: &ItemKind) -> Result<String, FieldNotF
         }
     }
     Ok(arg)
+}
+
+/// Writes an argument back as it was given, for error messages.
+fn unparse(segments: &[Segment]) -> String {
+    let mut text = String::new();
+    for segment in segments {
+        match segment {
+            Segment::Literal(literal) => {
+                text.push_str(&literal.replace('{', "{{").replace('}', "}}"))
+            }
+            Segment::Item => text.push_str("{}"),
+            Segment::Field(path) => {
+                text.push('{');
+                text.push_str(path);
+                text.push('}');
+            }
+        }
+    }
+    text
 }
 
 /// Returns the text that `{}` and standard input get for an item.
@@ -275,6 +326,35 @@ mod tests {
                 "arg {arg:?}"
             );
         }
+    }
+
+    #[test]
+    fn placeholder_in_shell_script_detected() {
+        let check = |args: &[&str], fields: bool| {
+            let argv: Vec<String> = args.iter().map(|arg| arg.to_string()).collect();
+            Template::parse(&argv, fields)
+                .placeholder_in_shell_script()
+                .map(|(shell, script)| (shell.to_owned(), script))
+        };
+        let found = |shell: &str, script: &str| Some((shell.to_owned(), script.to_owned()));
+
+        assert_eq!(
+            check(&["sh", "-c", "echo {}"], false),
+            found("sh", "echo {}")
+        );
+        assert_eq!(
+            check(&["/bin/bash", "-ec", "cat {name}"], true),
+            found("bash", "cat {name}")
+        );
+        assert_eq!(check(&["sh", "-e", "-c", "x{}"], false), found("sh", "x{}"));
+        // The safe form passes the item as a positional parameter.
+        assert_eq!(check(&["sh", "-c", "echo \"$1\"", "sh", "{}"], false), None);
+        // A shell running a script file, and programs that are not shells.
+        assert_eq!(check(&["sh", "script.sh", "{}"], false), None);
+        assert_eq!(check(&["echo", "-c", "{}"], false), None);
+        // Without --jsonl, `{name}` is literal text and safe.
+        assert_eq!(check(&["sh", "-c", "awk '{print}'"], false), None);
+        assert_eq!(check(&["sh", "--", "-c", "{}"], false), None);
     }
 
     #[test]

@@ -543,3 +543,47 @@ fn stdout_full_disk_exits_two() {
     }
     assert_full_disk_is_fatal(false, "cannot write to standard output");
 }
+
+#[test]
+fn run_rejects_placeholder_in_shell_script() {
+    let dir = TempDir::new().unwrap();
+    let input = write_input(&dir, "in.txt", b"r.txt; touch injected\n");
+    backlog()
+        .current_dir(dir.path())
+        .args(["run", &input, "--", "sh", "-c", "echo processing {}"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains(
+            "the script of `sh -c` contains a placeholder: 'echo processing {}'",
+        ));
+    assert!(!dir.path().join("injected").exists());
+}
+
+#[test]
+fn run_rejects_results_file_equal_to_input() {
+    let dir = TempDir::new().unwrap();
+    let input = write_input(&dir, "in.txt", b"1\n2\n");
+    backlog()
+        .args(["run", &input, "--results", &input, "--", "true"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains(format!(
+            "--results '{input}' is the input file"
+        )));
+    assert_eq!(std::fs::read(&input).unwrap(), b"1\n2\n");
+}
+
+#[test]
+fn run_closed_stderr_still_succeeds() {
+    let dir = TempDir::new().unwrap();
+    let input = write_input(&dir, "in.txt", b"1\n2\n3\n");
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin!("backlog"))
+        .args(["run", &input, "--", "true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stderr.take());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+}

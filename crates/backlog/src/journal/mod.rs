@@ -14,6 +14,7 @@ mod error;
 mod owner;
 pub mod store;
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread;
@@ -398,10 +399,13 @@ pub async fn open(config: &JournalConfig) -> anyhow::Result<Journal> {
     if let Some(died) = started.died {
         let Owner { pid, host, .. } = &died.owner;
         let items = if died.running == 1 { "item" } else { "items" };
-        eprintln!(
+        // A closed stderr must not stop the run, so this line is best effort.
+        let _ = writeln!(
+            std::io::stderr(),
             "journal: run {} (pid {pid} on {host}) ended without finishing; \
              its {} running {items} run again",
-            died.run, died.running
+            died.run,
+            died.running
         );
     }
     Ok(journal)
