@@ -3,6 +3,7 @@
 //! Each check is a call to a generic function bounded by the trait, so a type
 //! that loses `Send`, `Sync` or `Unpin` stops this file from compiling. The
 //! tests only run the already-checked calls.
+#![cfg(not(loom))]
 
 use std::future::Future;
 

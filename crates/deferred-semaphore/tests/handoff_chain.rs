@@ -4,6 +4,7 @@
 //! waiter to the next. If a release polled the next waiter itself, or woke it
 //! by polling, the stack would grow with the queue and overflow the small
 //! thread stack used here.
+#![cfg(not(loom))]
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
