@@ -11,6 +11,7 @@
 //! in place, is checked with `assert_not_impl_any!`, which fails to compile
 //! if the type implements the trait. No public type is `!Send` or `!Sync` on
 //! purpose.
+#![cfg(not(loom))]
 
 use std::future::{Future, Ready};
 use std::io;

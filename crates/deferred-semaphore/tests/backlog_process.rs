@@ -1,5 +1,6 @@
 //! Backlog processing: lazy pulls, bounded memory, slow consumers, ordering
 //! and the failure policy.
+#![cfg(not(loom))]
 
 use std::cell::Cell;
 use std::num::NonZeroU64;

@@ -1,6 +1,7 @@
 //! The classic Twisted example, with work that really waits so that the limit
 //! is exercised: limit 2, items 1 to 6, each waits 100 ms and returns its
 //! input squared.
+#![cfg(not(loom))]
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -6,6 +6,7 @@
 //! next waiter itself, or woke it by polling, the stack would grow with the
 //! queue and overflow the small thread stack used here. The units must also
 //! run in the order they queued.
+#![cfg(not(loom))]
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 

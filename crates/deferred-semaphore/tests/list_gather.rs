@@ -1,3 +1,4 @@
+#![cfg(not(loom))]
 use std::error::Error;
 use std::future::{ready, Future, Ready};
 use std::io;

@@ -3,6 +3,7 @@
 //!
 //! Steps that must happen in a set order are driven by hand with
 //! `tokio_test::task::spawn`, so that no test depends on a scheduler.
+#![cfg(not(loom))]
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;

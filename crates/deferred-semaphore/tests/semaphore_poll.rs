@@ -3,6 +3,7 @@
 //! Each waiter is its own `tokio_test` mock task, so a test can check which
 //! waiter was woken by a release and poll the waiters in any order it likes.
 //! A waiter joins the queue when it is first polled.
+#![cfg(not(loom))]
 
 use deferred_semaphore::{AcquireError, DeferredSemaphore, Permit, TryAcquireError};
 use tokio_test::task;

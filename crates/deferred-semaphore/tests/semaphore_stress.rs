@@ -17,6 +17,7 @@
 //!
 //! The seed is printed; set `SEMAPHORE_STRESS_SEED` to replay a seed's choices
 //! (the thread interleaving still varies from run to run).
+#![cfg(not(loom))]
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
