@@ -5,10 +5,13 @@ use std::io::IsTerminal;
 use std::num::NonZeroUsize;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 
 use crate::cli::RunArgs;
+use crate::halt::Halt;
+use crate::retry::RetryPolicy;
 use crate::source::Format;
 use crate::template::Template;
 
@@ -27,6 +30,23 @@ pub struct Config {
     pub template: Template,
     /// Whether to draw a progress bar, because stderr is a terminal.
     pub progress_bar: bool,
+    /// Retries, time limits and `--halt` for each item.
+    pub rules: ItemRules,
+    /// The time between SIGTERM and SIGKILL for a terminated command.
+    pub kill_after: Duration,
+    /// The time limit of the whole run.
+    pub deadline: Option<Duration>,
+}
+
+/// The rules every item runs under.
+#[derive(Debug, Clone)]
+pub struct ItemRules {
+    /// When a failed attempt is retried.
+    pub retry: RetryPolicy,
+    /// The time limit of each attempt.
+    pub timeout: Option<Duration>,
+    /// When failed items stop the run.
+    pub halt: Halt,
 }
 
 impl Config {
@@ -57,6 +77,17 @@ impl Config {
             results: args.results,
             template,
             progress_bar: std::io::stderr().is_terminal(),
+            rules: ItemRules {
+                retry: RetryPolicy {
+                    retries: args.retry.retries,
+                    delay: args.retry.retry_delay,
+                    retry_on: args.retry.retry_on_exit,
+                },
+                timeout: args.stop.timeout,
+                halt: args.stop.halt,
+            },
+            kill_after: args.stop.kill_after,
+            deadline: args.stop.deadline,
         })
     }
 }

@@ -3,11 +3,18 @@
 
 mod cli;
 mod config;
+mod duration;
 mod engine;
 mod exec;
+mod group;
+mod halt;
+mod outcome;
 mod progress;
 mod results;
+mod retry;
+mod signals;
 mod source;
+mod stop;
 mod template;
 
 use std::io;
@@ -18,6 +25,7 @@ use clap::Parser;
 
 use crate::cli::{Cli, Command};
 use crate::config::Config;
+use crate::stop::StopCause;
 
 /// The exit statuses of `backlog`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +38,12 @@ enum Status {
     /// The arguments were invalid or the run could not go on. Clap uses the
     /// same status for usage errors.
     Fatal = 2,
+    /// `--deadline` passed, as GNU `timeout` reports a time limit.
+    DeadlinePassed = 124,
+    /// SIGINT (Ctrl-C) stopped the run: 128 plus the signal number 2.
+    Interrupted = 130,
+    /// SIGTERM stopped the run: 128 plus the signal number 15.
+    Terminated = 143,
 }
 
 fn main() -> ExitCode {
@@ -55,10 +69,14 @@ fn run() -> anyhow::Result<ExitCode> {
     // Tokio reads standard input on a blocking thread that may still be
     // waiting for a line, and waiting for that thread would hang the exit.
     runtime.shutdown_background();
-    let status = if summary?.all_succeeded() {
-        Status::Success
-    } else {
-        Status::ItemsFailed
+    let summary = summary?;
+    let status = match summary.stopped {
+        Some(StopCause::Interrupt) => Status::Interrupted,
+        Some(StopCause::Terminate) => Status::Terminated,
+        Some(StopCause::Deadline(_)) => Status::DeadlinePassed,
+        Some(StopCause::Halt(_)) => Status::ItemsFailed,
+        None if summary.all_succeeded() => Status::Success,
+        None => Status::ItemsFailed,
     };
     Ok(ExitCode::from(status as u8))
 }
