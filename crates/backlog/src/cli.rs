@@ -85,7 +85,7 @@ pub struct RetryArgs {
 
     /// Sets the wait before the first retry, as in 500ms, 2s or 1m. Each
     /// later retry waits twice as long, up to 5m, scaled by a random factor
-    /// from 0.5 to 1. A waiting retry holds no --max-run slot.
+    /// from 0.5 to 1. A waiting retry gives its --max-run slot back.
     #[arg(long, value_name = "DUR", default_value = "1s", value_parser = parse_retry_delay)]
     pub retry_delay: Duration,
 

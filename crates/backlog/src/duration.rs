@@ -11,8 +11,8 @@ const UNITS: [(&str, f64); 4] = [
     ("h", 3_600_000.0),
 ];
 
-/// The longest duration accepted, so that adding it to a clock cannot
-/// overflow: 100 days.
+/// The maximum duration accepted, 100 days, so that adding it to a clock
+/// cannot overflow.
 const MAX_DURATION: Duration = Duration::from_secs(100 * 24 * 3600);
 
 /// Parses a duration such as `500ms`, `2s`, `1.5s`, `1m` or `1h`.

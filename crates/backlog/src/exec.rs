@@ -48,7 +48,7 @@ pub struct ItemResult {
     /// The reason the item failed without an exit status, for example
     /// because the command could not start.
     pub error: Option<String>,
-    /// Why the command was terminated, if `backlog` ended it.
+    /// The reason `backlog` terminated the command, if it did.
     pub terminated: Option<Termination>,
 }
 

@@ -15,10 +15,10 @@ use crate::duration::format_duration;
 use crate::exec::ItemResult;
 
 /// How long to wait for a command's pipes to close after SIGKILL, for the
-/// rare process that left the group and still holds them open.
+/// rare process that left the group and still keeps them open.
 const DRAIN_AFTER_KILL: Duration = Duration::from_secs(1);
 
-/// Why a command was terminated before it exited by itself.
+/// The reason a command was terminated before it exited by itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Termination {
     /// Its attempt ran longer than `--timeout`.

@@ -7,8 +7,8 @@ use crate::exec::ItemResult;
 use crate::group::Termination;
 use crate::stop::StopCause;
 
-/// What finally happened to one item. A journal or results file records
-/// this, and the summary counts it.
+/// The final outcome of one item, as a journal or the results file records
+/// it and the summary counts it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ItemOutcome {
     /// The command exited with status 0.
@@ -36,12 +36,12 @@ pub enum ItemOutcome {
     Interrupted {
         /// Attempts made, the terminated one included.
         attempts: u32,
-        /// What stopped the run.
+        /// The cause that stopped the run.
         cause: Option<StopCause>,
     },
     /// The item was read but never ran, because the run was stopping.
     NotStarted {
-        /// What stopped the run.
+        /// The cause that stopped the run.
         cause: Option<StopCause>,
     },
 }

@@ -52,7 +52,7 @@ pub struct Summary {
     /// Items read but never run because the run was stopping, including
     /// those left in an input file.
     pub not_started: u64,
-    /// What stopped the run before its input ran out, if anything did.
+    /// The cause that stopped the run before its input ran out, if any.
     pub stopped: Option<StopCause>,
     /// Whether the run stopped with standard input not read to its end.
     pub input_left_unread: bool,

@@ -19,7 +19,7 @@ use crate::stop::{StopLevel, StopWatch};
 /// The maximum wait before a retry, however many attempts failed.
 pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
 
-/// Which failed attempts may be retried.
+/// The failed attempts that may be retried.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RetryOn {
     /// Attempts that exited with one of these statuses.
@@ -56,7 +56,7 @@ pub struct Attempts<'a, R> {
 /// A retry about to wait for its backoff, for the progress display.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetryNotice {
-    /// Why the attempt before failed.
+    /// The failure reason of the attempt before.
     pub failure: String,
     /// The number of the attempt to come, from 2.
     pub attempt: u32,

@@ -35,7 +35,7 @@ impl Signals {
     }
 
     /// Turns signals and the deadline into stop requests until the run ends,
-    /// and tells the user on stderr what each one does.
+    /// and prints on stderr what each one does.
     pub async fn watch(
         mut self,
         stop: &Stop,

@@ -19,7 +19,7 @@ pub enum StopLevel {
     Now,
 }
 
-/// What made a run stop before its input ran out.
+/// The cause of a run stopping before its input ran out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StopCause {
     /// SIGINT, from Ctrl-C on a terminal.
