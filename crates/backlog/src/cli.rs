@@ -3,7 +3,13 @@
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
 
+use std::time::Duration;
+
 use clap::{Args, Parser, Subcommand};
+
+use crate::duration::{parse_duration, parse_positive_duration};
+use crate::halt::{parse_halt, Halt};
+use crate::retry::{parse_retry_delay, parse_retry_on, RetryOn};
 
 /// The values `--max-run` accepts.
 pub const MAX_RUN_RANGE: RangeInclusive<u64> = 1..=1_000_000;
@@ -25,7 +31,16 @@ pub enum Command {
     /// becomes that field of the item and `{a.b}` a nested field. `{{` and
     /// `}}` write literal braces. The item is also written to the command's
     /// standard input.
-    Run(RunArgs),
+    ///
+    /// Each command runs in a process group of its own, so Ctrl-C reaches
+    /// backlog alone. The first Ctrl-C (or SIGTERM) starts nothing new and
+    /// waits for the running commands; the second sends their process
+    /// groups SIGTERM, then SIGKILL after --kill-after.
+    ///
+    /// Exit status: 0 when every item succeeded, 1 when some failed, 2 on a
+    /// usage or fatal error, 124 when --deadline passed, 130 after Ctrl-C,
+    /// 141 when standard output was closed and 143 after SIGTERM.
+    Run(Box<RunArgs>),
     /// Shows the state of a journal: counts by state, failed items with
     /// their last error, and items that were running when a run died.
     Status(StatusArgs),
@@ -56,6 +71,64 @@ pub struct RunArgs {
     /// Sets the command to run per item, with its arguments, after `--`.
     #[arg(value_name = "COMMAND", last = true, required = true, num_args = 1..)]
     pub command: Vec<String>,
+
+    #[command(flatten)]
+    pub retry: RetryArgs,
+
+    #[command(flatten)]
+    pub stop: StopArgs,
+}
+
+/// The options that retry failed attempts.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Retries")]
+pub struct RetryArgs {
+    /// Sets the maximum number of retries per item after its first attempt.
+    /// Only failures that --retry-on-exit lists are retried. With the
+    /// default of 0, every failure is final, exit status 75 included.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub retries: u32,
+
+    /// Sets the wait before the first retry, as in 500ms, 2s or 1m. Each
+    /// later retry waits twice as long, up to 5m, scaled by a random factor
+    /// from 0.5 to 1. A waiting retry gives its --max-run slot back.
+    #[arg(long, value_name = "DUR", default_value = "1s", value_parser = parse_retry_delay)]
+    pub retry_delay: Duration,
+
+    /// Sets the exit statuses retried, separated by commas, or `any` to
+    /// retry every failure (non-zero exit, signal or timeout). The default
+    /// 75 is EX_TEMPFAIL, "temporary failure, try again later".
+    #[arg(long, value_name = "CODES", default_value = "75", value_parser = parse_retry_on)]
+    pub retry_on_exit: RetryOn,
+}
+
+/// The options that bound the time of items and of the run, and stop it
+/// early.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Time limits and stopping")]
+pub struct StopArgs {
+    /// Sets the time limit of each attempt, as in 500ms, 30s or 5m. Once it
+    /// passes, the command's process group gets SIGTERM, then SIGKILL after
+    /// --kill-after, and the attempt fails as timed out.
+    #[arg(long, value_name = "DUR", value_parser = parse_positive_duration)]
+    pub timeout: Option<Duration>,
+
+    /// Sets how long a terminated command gets between SIGTERM and SIGKILL.
+    #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_duration)]
+    pub kill_after: Duration,
+
+    /// Sets the time limit of the whole run. Once it passes, nothing new
+    /// starts, running commands are terminated as on --timeout, the rest of
+    /// the items are reported as not started, and backlog exits with 124.
+    #[arg(long, value_name = "DUR", value_parser = parse_positive_duration)]
+    pub deadline: Option<Duration>,
+
+    /// Sets when failed items stop the run: `never`, or `soon` or `now`
+    /// followed by `,fail=N` (N failed items) or `,fail=P%` (P% of at least
+    /// 3 finished items). `soon` starts nothing new and lets running
+    /// commands finish. `now` also terminates them, as on --timeout.
+    #[arg(long, value_name = "WHEN", default_value = "never", value_parser = parse_halt)]
+    pub halt: Halt,
 }
 
 /// The journal options of `backlog run`.

@@ -5,11 +5,14 @@ use std::io::IsTerminal;
 use std::num::NonZeroUsize;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 
 use crate::cli::RunArgs;
+use crate::halt::Halt;
 use crate::journal::JournalConfig;
+use crate::retry::RetryPolicy;
 use crate::source::Format;
 use crate::template::Template;
 
@@ -30,6 +33,23 @@ pub struct Config {
     pub progress_bar: bool,
     /// The journal of item states, if `--journal` was given.
     pub journal: Option<JournalConfig>,
+    /// Retries, time limits and `--halt` for each item.
+    pub rules: ItemRules,
+    /// The time between SIGTERM and SIGKILL for a terminated command.
+    pub kill_after: Duration,
+    /// The time limit of the whole run.
+    pub deadline: Option<Duration>,
+}
+
+/// The rules every item runs under.
+#[derive(Debug, Clone)]
+pub struct ItemRules {
+    /// When a failed attempt is retried.
+    pub retry: RetryPolicy,
+    /// The time limit of each attempt.
+    pub timeout: Option<Duration>,
+    /// When failed items stop the run.
+    pub halt: Halt,
 }
 
 impl Config {
@@ -77,6 +97,17 @@ impl Config {
             template,
             progress_bar: std::io::stderr().is_terminal(),
             journal: JournalConfig::from_args(args.journal, args.jsonl),
+            rules: ItemRules {
+                retry: RetryPolicy {
+                    retries: args.retry.retries,
+                    delay: args.retry.retry_delay,
+                    retry_on: args.retry.retry_on_exit,
+                },
+                timeout: args.stop.timeout,
+                halt: args.stop.halt,
+            },
+            kill_after: args.stop.kill_after,
+            deadline: args.stop.deadline,
         })
     }
 }

@@ -2,6 +2,7 @@
 //! `DeferredSemaphore`, each runs through a `Runner`, and each outcome goes
 //! to stdout, the results file and the progress display as it finishes.
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::io::Write;
 use std::num::NonZeroUsize;
@@ -9,18 +10,23 @@ use std::pin::pin;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use deferred_semaphore::{Backlog, DeferredSemaphore, Outcome, Report};
-use futures_util::Stream;
+use deferred_semaphore::{Backlog, DeferredSemaphore, Outcome, OwnedPermit, Report, StopReason};
+use futures_util::{Stream, StreamExt};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Mutex, Notify};
 use tokio::time::MissedTickBehavior;
 
-use crate::config::Config;
+use crate::config::{Config, ItemRules};
 use crate::exec::{Gauge, ItemResult, Job, ProcessRunner, Runner};
-use crate::journal::{self, Admission, AttemptEnd, Journal, JournalError, Skip};
+use crate::halt::HaltCounter;
+use crate::journal::{self, Admission, AttemptEnd, AttemptRecord, Journal, JournalError, Skip};
+use crate::outcome::ItemOutcome;
 use crate::progress::{Progress, Summary};
 use crate::results::ResultsWriter;
+use crate::retry::{Attempts, RetryNotice};
+use crate::signals::{plural_items, Signals};
 use crate::source::{self, Item, ItemKind};
+use crate::stop::{Stop, StopCause, StopLevel, StopWatch};
 use crate::template::{self, Template};
 
 /// How often the progress bar's running count is redrawn.
@@ -37,11 +43,13 @@ pub struct Sinks<W, F: Write> {
     pub progress: Progress,
 }
 
-/// An item together with what running it produced.
+/// An item together with what running it produced: the last attempt's
+/// result and the item's outcome.
 #[derive(Debug)]
 struct Finished {
     item: Item,
     result: ItemResult,
+    outcome: ItemOutcome,
     journal: Journaled,
 }
 
@@ -71,6 +79,7 @@ struct SinkState<'a, W, F: Write> {
 /// Fails when the input or results file cannot be opened, when writing
 /// stdout or the results file fails, and when reading the input fails.
 pub async fn run(config: &Config) -> anyhow::Result<Summary> {
+    let signals = Signals::install().context("cannot install the SIGINT and SIGTERM handlers")?;
     let reader = source::open(&config.input)
         .await
         .with_context(|| format!("cannot open input file '{}'", config.input.display()))?;
@@ -88,6 +97,7 @@ pub async fn run(config: &Config) -> anyhow::Result<Summary> {
     };
 
     let (items, read_failure) = source::items(reader, config.format);
+    let mut items = pin!(items);
     let stdout = tokio::io::stdout();
     let mut sinks = Sinks {
         stdout,
@@ -98,23 +108,38 @@ pub async fn run(config: &Config) -> anyhow::Result<Summary> {
         Some(journal_config) => Some(journal::open(journal_config).await?),
         None => None,
     };
-    let runner = ProcessRunner::default();
-    let template = &config.template;
-    let processed = process(
+    let runner = ProcessRunner::new(config.kill_after);
+    let stop = Stop::default();
+    let (template, max_run, rules) = (&config.template, config.max_run, &config.rules);
+    let processing = process(
         template,
-        config.max_run,
+        max_run,
+        rules,
+        &stop,
         &runner,
-        items,
+        items.as_mut(),
         &mut sinks,
         journal.as_ref(),
-    )
-    .await;
+    );
+    let processed = tokio::select! {
+        summary = processing => summary,
+        never = signals.watch(&stop, config.deadline, runner.gauge()) => match never {},
+    };
     let closed = match journal {
         Some(journal) => journal.close(&journal::run_outcome(&processed)).await,
         None => Ok(()),
     };
-    let summary = processed?;
+    let mut summary = processed?;
     closed?;
+    if stop.level() >= StopLevel::Soon {
+        summary.stopped = stop.cause();
+        // Standard input may never end, so only a file is read to the end.
+        if config.input.as_os_str() == "-" {
+            summary.input_left_unread = true;
+        } else {
+            summary.not_started = record_not_started(items, &mut sinks, stop.cause()).await?;
+        }
+    }
     // A closed stderr must not turn a finished run into a failure.
     let _ = writeln!(std::io::stderr(), "{summary}");
 
@@ -126,19 +151,25 @@ pub async fn run(config: &Config) -> anyhow::Result<Summary> {
 }
 
 /// Runs every item of `items` through `runner`, at most `max_run` at once,
-/// and sends each outcome to `sinks`.
+/// under `rules`, and sends each outcome to `sinks`.
 ///
 /// Malformed items and items with a missing field take the same path as the
 /// others, so that they are counted and recorded in order, but fail at once
-/// without running anything.
+/// without running anything. Once `stop` reaches [`StopLevel::Soon`], no
+/// item is pulled from `items` any more.
 ///
 /// # Errors
 ///
 /// Fails, cancelling the items still running, once writing to stdout or to
 /// the results file fails.
+// The journal, the rules and the stop signal are separate inputs that
+// callers and tests pass one by one, so a parameter struct would add nothing.
+#[allow(clippy::too_many_arguments)]
 pub async fn process<R, S, W, F>(
     template: &Template,
     max_run: NonZeroUsize,
+    rules: &ItemRules,
+    stop: &Stop,
     runner: &R,
     items: S,
     sinks: &mut Sinks<W, F>,
@@ -153,11 +184,33 @@ where
     let limiter = DeferredSemaphore::new(max_run.get());
     let state = Mutex::new(SinkState { sinks, fatal: None });
     let sink_failed = Notify::new();
+    let halt = RefCell::new(HaltCounter::new(rules.halt));
+    let attempts = Attempts {
+        runner,
+        limiter: &limiter,
+        policy: &rules.retry,
+        timeout: rules.timeout,
+    };
     let (state_ref, failed_ref, gauge) = (&state, &sink_failed, runner.gauge());
+    let (attempts_ref, halt_ref) = (&attempts, &halt);
 
-    let work = move |item: Item| run_item(item, template, runner, journal);
-    let consumer = move |outcome| consume(outcome, state_ref, failed_ref, gauge);
-    let backlog = Backlog::from_stream(&limiter, items, work).for_each(consumer);
+    let mut stopping = stop.watch();
+    let items = items.take_until(async move { stopping.reached(StopLevel::Soon).await });
+    let work = move |item: Item, permit: OwnedPermit| {
+        run_item(
+            item,
+            permit,
+            template,
+            attempts_ref,
+            stop.watch(),
+            state_ref,
+            journal,
+        )
+    };
+    let consumer = move |outcome| consume(outcome, state_ref, failed_ref, gauge, (halt_ref, stop));
+    let backlog = Backlog::from_stream_with_permits(&limiter, items, work)
+        .on_failure(rules.halt.failure_policy())
+        .for_each(consumer);
     let report = drive(backlog, &state, &sink_failed, gauge).await?;
     let mut state = state.into_inner();
     // The last outcome's write can fail in the same poll that ends the
@@ -165,7 +218,8 @@ where
     if let Some(error) = state.fatal.take() {
         return Err(error);
     }
-    if let Some(reason) = report.stopped {
+    // A stop by the failure policy is `--halt`, which `consume` reports.
+    if let Some(reason @ StopReason::Limiter(_)) = report.stopped {
         bail!("the backlog stopped early: {reason}");
     }
     Ok(state.sinks.progress.finish(gauge.max()))
@@ -203,14 +257,17 @@ where
     }
 }
 
-/// Runs one item, or fails it at once when it cannot be run. With a
-/// journal, the item is marked running before its command starts and its
-/// end is recorded after the command exits. The `Err` side marks the item
-/// as failed for the backlog's counts.
-async fn run_item<R: Runner>(
+/// Runs one item with its retries, or fails it at once when it cannot be
+/// run. With a journal, the item is marked running before its command
+/// starts, each retry is recorded, and its end is recorded after the last
+/// attempt. The `Err` side marks the item as failed for the backlog's counts.
+async fn run_item<R: Runner, W, F: Write>(
     item: Item,
+    permit: OwnedPermit,
     template: &Template,
-    runner: &R,
+    attempts: &Attempts<'_, R>,
+    stop: StopWatch,
+    state: &Mutex<SinkState<'_, W, F>>,
     journal: Option<&Journal>,
 ) -> Result<Finished, Finished> {
     let admission = match journal {
@@ -224,35 +281,98 @@ async fn run_item<R: Runner>(
         Admission::Run { key, .. } => Some(key),
         Admission::Untracked => None,
         Admission::Skip(skip) => {
-            return Ok(Finished::new(
-                item,
-                ItemResult::default(),
-                Journaled::Skipped(skip),
-            ))
+            let outcome = ItemOutcome::NotStarted { cause: None };
+            let skipped = Journaled::Skipped(skip);
+            return Ok(Finished::new(item, ItemResult::default(), outcome, skipped));
         }
         Admission::NoKey(reason) => {
-            return Err(Finished::new(
-                item,
-                ItemResult::failed(reason),
-                Journaled::Recorded,
-            ))
+            let result = ItemResult::failed(reason.clone());
+            let outcome = ItemOutcome::Failed {
+                attempts: 0,
+                last_error: reason,
+            };
+            return Err(Finished::new(item, result, outcome, Journaled::Recorded));
         }
     };
-    let result = match job_for(&item, template) {
-        Ok(job) => runner.run(job).await,
-        Err(reason) => ItemResult::failed(reason),
+
+    // The first journal error of a retry, reported once the item ends.
+    let retry_error: RefCell<Option<JournalError>> = RefCell::new(None);
+    let (result, outcome) = match job_for(&item, template) {
+        Ok(job) => {
+            let (index, line) = (item.index, item.line);
+            let (key, retry_error) = (key.as_deref(), &retry_error);
+            let notify = move |notice: RetryNotice| async move {
+                if let (Some(journal), Some(key)) = (journal, key) {
+                    if let Err(error) = record_retry(journal, key, &notice).await {
+                        retry_error.borrow_mut().get_or_insert(error);
+                    }
+                }
+                let mut state = state.lock().await;
+                state.sinks.progress.retrying(index, line, &notice);
+            };
+            attempts.run(job, permit, stop, notify).await
+        }
+        Err(reason) => {
+            let result = ItemResult::failed(reason.clone());
+            let outcome = ItemOutcome::Failed {
+                attempts: 0,
+                last_error: reason,
+            };
+            (result, outcome)
+        }
     };
-    let mut finished = Finished::new(item, result, Journaled::Recorded);
-    if let (Some(journal), Some(key)) = (journal, key) {
-        let end = AttemptEnd::last(&finished.result);
+
+    let mut finished = Finished::new(item, result, outcome, Journaled::Recorded);
+    if let Some(error) = retry_error.into_inner() {
+        finished.journal = Journaled::Failed { error, ran: true };
+    } else if let (Some(journal), Some(key)) = (journal, key) {
+        let end = attempt_end(&finished.result, &finished.outcome);
         if let Err(error) = journal.finish_attempt(&key, end).await {
             finished.journal = Journaled::Failed { error, ran: true };
         }
     }
-    if finished.result.is_ok() {
+    if finished.outcome.is_done() {
         Ok(finished)
     } else {
         Err(finished)
+    }
+}
+
+/// Records a failed attempt that will be retried, then marks the item
+/// running again. It stays running through the backoff, so a run killed
+/// meanwhile leaves it to be run again.
+async fn record_retry(
+    journal: &Journal,
+    key: &str,
+    notice: &RetryNotice,
+) -> Result<(), JournalError> {
+    let record = AttemptRecord {
+        exit_code: None,
+        signal: None,
+        error: Some(notice.failure.clone()),
+        stderr_tail: Vec::new(),
+    };
+    journal
+        .finish_attempt(key, AttemptEnd::WillRetry(record))
+        .await?;
+    journal.start_attempt(key).await?;
+    Ok(())
+}
+
+/// Returns how the journal records an item's last attempt: a stopped or
+/// never-started attempt leaves the item pending for the next run.
+fn attempt_end(result: &ItemResult, outcome: &ItemOutcome) -> AttemptEnd {
+    match outcome {
+        ItemOutcome::Done { .. } => AttemptEnd::Succeeded(AttemptRecord::from_result(result)),
+        ItemOutcome::Failed { .. } | ItemOutcome::TimedOut { .. } => {
+            AttemptEnd::Failed(AttemptRecord::from_result(result))
+        }
+        ItemOutcome::Interrupted { .. } | ItemOutcome::NotStarted { .. } => {
+            let reason = outcome
+                .reason()
+                .unwrap_or_else(|| outcome.name().to_owned());
+            AttemptEnd::Interrupted(reason)
+        }
     }
 }
 
@@ -268,18 +388,37 @@ fn job_for(item: &Item, template: &Template) -> Result<Job, String> {
     Ok(Job { argv, stdin })
 }
 
-/// Sends one outcome to the sinks. After the first failed write, later
-/// outcomes are dropped because the run is stopping.
+/// Sends one outcome to the sinks and applies `--halt` to it. After the
+/// first failed write, later outcomes are dropped because the run is
+/// stopping.
 async fn consume<W, F>(
     outcome: Outcome<Finished, Finished>,
     state: &Mutex<SinkState<'_, W, F>>,
     sink_failed: &Notify,
     gauge: &Gauge,
+    (halt, stop): (&RefCell<HaltCounter>, &Stop),
 ) where
     W: AsyncWrite + Unpin,
     F: Write,
 {
     let (Ok(finished) | Err(finished)) = outcome.result;
+    let failed = !matches!(
+        finished.outcome,
+        ItemOutcome::Done { .. } | ItemOutcome::NotStarted { .. }
+    );
+    // An item the journal skipped did not run, so `--halt` does not count it.
+    let skipped = matches!(finished.journal, Journaled::Skipped(_));
+    let halt_level = if skipped {
+        None
+    } else {
+        halt.borrow_mut().record(failed)
+    };
+    if let Some(level) = halt_level {
+        let rule = halt.borrow().halt().to_string();
+        announce_halt(&rule, level, gauge.running());
+        stop.request(level, StopCause::Halt(rule));
+    }
+
     let mut state = state.lock().await;
     if state.fatal.is_some() {
         return;
@@ -290,29 +429,70 @@ async fn consume<W, F>(
     }
 }
 
+fn announce_halt(rule: &str, level: StopLevel, running: usize) {
+    let items = plural_items(running);
+    if level == StopLevel::Now {
+        eprintln!("--halt {rule} reached: killing {running} running {items}");
+    } else {
+        eprintln!("--halt {rule} reached: waiting for {running} running {items}");
+    }
+}
+
+/// Records each item left in `items` as not started in the results file,
+/// and returns how many there were.
+async fn record_not_started<S, W, F>(
+    items: S,
+    sinks: &mut Sinks<W, F>,
+    cause: Option<StopCause>,
+) -> anyhow::Result<u64>
+where
+    S: Stream<Item = Item>,
+    F: Write,
+{
+    let outcome = ItemOutcome::NotStarted { cause };
+    let result = ItemResult::default();
+    let mut count = 0;
+    let mut items = pin!(items);
+    while let Some(item) = items.next().await {
+        if let Some(results) = &mut sinks.results {
+            results
+                .write(&item, &result, &outcome)
+                .context("cannot write to the results file")?;
+        }
+        count += 1;
+    }
+    Ok(count)
+}
+
 impl Finished {
-    fn new(item: Item, result: ItemResult, journal: Journaled) -> Self {
+    fn new(item: Item, result: ItemResult, outcome: ItemOutcome, journal: Journaled) -> Self {
         Finished {
             item,
             result,
+            outcome,
             journal,
         }
     }
 
     fn journal_failed(item: Item, error: JournalError, ran: bool) -> Self {
-        let result = ItemResult::failed(error.to_string());
-        Finished::new(item, result, Journaled::Failed { error, ran })
+        let reason = error.to_string();
+        let result = ItemResult::failed(reason.clone());
+        let outcome = ItemOutcome::Failed {
+            attempts: 0,
+            last_error: reason,
+        };
+        Finished::new(item, result, outcome, Journaled::Failed { error, ran })
     }
 }
 
 impl<W: AsyncWrite + Unpin, F: Write> Sinks<W, F> {
     /// Records the item first, so that the results file is complete even
-    /// when writing stdout fails. A journal failure is returned after the
-    /// item's output is written, because the run cannot go on without it.
+    /// when writing stdout fails.
     async fn record(&mut self, finished: &Finished, running: usize) -> anyhow::Result<()> {
         let Finished {
             item,
             result,
+            outcome,
             journal,
         } = finished;
         match journal {
@@ -327,7 +507,7 @@ impl<W: AsyncWrite + Unpin, F: Write> Sinks<W, F> {
             }
             Journaled::Recorded | Journaled::Failed { ran: true, .. } => {}
         }
-        self.write_outcome(item, result, running).await?;
+        self.write_outcome(item, result, outcome, running).await?;
         if let Journaled::Failed { error, .. } = journal {
             let line = item.line;
             return Err(anyhow::Error::new(error.clone())).with_context(|| {
@@ -341,14 +521,15 @@ impl<W: AsyncWrite + Unpin, F: Write> Sinks<W, F> {
         &mut self,
         item: &Item,
         result: &ItemResult,
+        outcome: &ItemOutcome,
         running: usize,
     ) -> anyhow::Result<()> {
         if let Some(results) = &mut self.results {
             results
-                .write(item, result)
+                .write(item, result, outcome)
                 .context("cannot write to the results file")?;
         }
-        self.progress.finished(item, result, running);
+        self.progress.finished(item, result, outcome, running);
         self.stdout
             .write_all(&result.stdout)
             .await
@@ -366,8 +547,33 @@ mod tests {
 
     use futures_util::stream;
 
+    use std::cell::Cell;
+
     use super::*;
     use crate::exec::MockRunner;
+    use crate::halt::parse_halt;
+    use crate::retry::{RetryOn, RetryPolicy};
+
+    fn rules() -> ItemRules {
+        ItemRules {
+            retry: RetryPolicy {
+                retries: 0,
+                delay: Duration::from_secs(1),
+                retry_on: RetryOn::ExitCodes(vec![75]),
+            },
+            timeout: None,
+            halt: crate::halt::Halt::Never,
+        }
+    }
+
+    fn records_of(sinks: Sinks<Vec<u8>, Vec<u8>>) -> Vec<serde_json::Value> {
+        let results = sinks.results.unwrap().into_inner();
+        results
+            .split(|&b| b == b'\n')
+            .filter(|line| !line.is_empty())
+            .map(|line| serde_json::from_slice(line).unwrap())
+            .collect()
+    }
 
     fn text_items(lines: &[&str]) -> Vec<Item> {
         let to_item = |(index, line): (usize, &&str)| Item {
@@ -402,7 +608,17 @@ mod tests {
         let runner = MockRunner::new(sleep_and_echo);
         let max_run = NonZeroUsize::new(max_run).unwrap();
         let items = stream::iter(text_items(lines));
-        process(&template, max_run, &runner, items, &mut sinks(), None).await
+        process(
+            &template,
+            max_run,
+            &rules(),
+            &Stop::default(),
+            &runner,
+            items,
+            &mut sinks(),
+            None,
+        )
+        .await
     }
 
     #[tokio::test(start_paused = true)]
@@ -434,6 +650,8 @@ mod tests {
         let summary = process(
             &template,
             NonZeroUsize::MIN,
+            &rules(),
+            &Stop::default(),
             &runner,
             items,
             &mut sinks(),
@@ -459,9 +677,18 @@ mod tests {
         let max_run = NonZeroUsize::new(3).unwrap();
         let items = stream::iter(text_items(&["30", "10", "20"]));
         let mut sinks = sinks();
-        process(&template, max_run, &runner, items, &mut sinks, None)
-            .await
-            .unwrap();
+        process(
+            &template,
+            max_run,
+            &rules(),
+            &Stop::default(),
+            &runner,
+            items,
+            &mut sinks,
+            None,
+        )
+        .await
+        .unwrap();
 
         assert_eq!(sinks.stdout, b"10\n20\n30\n");
         let results = sinks.results.unwrap().into_inner();
@@ -475,5 +702,85 @@ mod tests {
             .map(|r| r["index"].as_u64().unwrap())
             .collect();
         assert_eq!(indexes, [1, 2, 0]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn process_retries_without_holding_permit() {
+        // Item "temp" exits 75 on its first attempt only; "other" succeeds.
+        let temp_attempts = Cell::new(0);
+        let runner = MockRunner::new(|job: &Job| {
+            let code = if job.argv[1] == "temp" {
+                temp_attempts.set(temp_attempts.get() + 1);
+                if temp_attempts.get() == 1 {
+                    75
+                } else {
+                    0
+                }
+            } else {
+                0
+            };
+            let result = ItemResult {
+                exit_code: Some(code),
+                stdout: format!("{}\n", job.argv[1]).into_bytes(),
+                ..ItemResult::default()
+            };
+            (Duration::from_millis(100), result)
+        });
+        let template = Template::parse(&["run".to_owned(), "{}".to_owned()], false);
+        let mut rules = rules();
+        rules.retry.retries = 2;
+        let items = stream::iter(text_items(&["temp", "other"]));
+        let mut sinks = sinks();
+        let stop = Stop::default();
+        let summary = process(
+            &template,
+            NonZeroUsize::MIN,
+            &rules,
+            &stop,
+            &runner,
+            items,
+            &mut sinks,
+            None,
+        )
+        .await
+        .unwrap();
+
+        assert_eq!((summary.succeeded, summary.failed), (2, 0));
+        assert_eq!(summary.retried, 1);
+        // "other" ran during the backoff of "temp", with one slot for both.
+        assert_eq!(sinks.stdout, b"other\ntemp\n");
+        assert_eq!(summary.max_running, 1);
+        let records = records_of(sinks);
+        assert_eq!(records[1]["item"], "temp");
+        assert_eq!(records[1]["attempts"], 2);
+        assert_eq!(records[1]["outcome"], "done");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn process_halt_now_kills_running() {
+        let template = Template::parse(&["sleep".to_owned(), "{}".to_owned()], false);
+        let runner = MockRunner::new(sleep_and_echo);
+        let mut rules = rules();
+        rules.halt = parse_halt("now,fail=1").unwrap();
+        let items = stream::iter(text_items(&["1000", "0", "1000", "1000"]));
+        let mut sinks = sinks();
+        let stop = Stop::default();
+        let max_run = NonZeroUsize::new(2).unwrap();
+        let summary = process(
+            &template, max_run, &rules, &stop, &runner, items, &mut sinks, None,
+        )
+        .await
+        .unwrap();
+
+        assert_eq!(stop.level(), StopLevel::Now);
+        assert_eq!(
+            (summary.succeeded, summary.failed, summary.killed),
+            (0, 2, 1)
+        );
+        assert!(summary.wall_time < Duration::from_millis(100));
+        let records = records_of(sinks);
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[1]["outcome"], "interrupted");
+        assert_eq!(records[1]["error"], "killed: --halt now,fail=1 was reached");
     }
 }

@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin, Command};
 
+use crate::duration::format_duration;
+use crate::group::{collect_or_terminate, Termination};
+
 /// How many of the last lines of a command's standard error are kept.
 pub const STDERR_TAIL_LINES: usize = 10;
 
@@ -45,6 +48,8 @@ pub struct ItemResult {
     /// The reason the item failed without an exit status, for example
     /// because the command could not start.
     pub error: Option<String>,
+    /// The reason `backlog` terminated the command, if it did.
+    pub terminated: Option<Termination>,
 }
 
 /// Counts the commands running now and the maximum seen running at once.
@@ -63,17 +68,24 @@ pub struct GaugeGuard<'a> {
 
 /// Runs the command of one item.
 pub trait Runner {
-    /// Runs `job` to completion and reports any failure in the result.
-    fn run(&self, job: Job) -> impl Future<Output = ItemResult>;
+    /// Runs `job` to completion, or until `terminate` resolves, and reports
+    /// any failure in the result.
+    fn run(
+        &self,
+        job: Job,
+        terminate: impl Future<Output = Termination>,
+    ) -> impl Future<Output = ItemResult>;
 
     /// Returns the counter of commands running at once.
     fn gauge(&self) -> &Gauge;
 }
 
-/// Runs each item as a child process, with no shell in between.
-#[derive(Debug, Default)]
+/// Runs each item as a child process, with no shell in between, in a
+/// process group of its own.
+#[derive(Debug)]
 pub struct ProcessRunner {
     gauge: Gauge,
+    kill_after: Duration,
 }
 
 impl ItemResult {
@@ -85,13 +97,21 @@ impl ItemResult {
         }
     }
 
-    /// Returns whether the item succeeded: its command exited with status 0.
+    /// Returns whether the item succeeded: its command exited with status 0
+    /// by itself.
     pub fn is_ok(&self) -> bool {
-        self.error.is_none() && self.exit_code == Some(0)
+        self.error.is_none() && self.terminated.is_none() && self.exit_code == Some(0)
     }
 
     /// Returns why the item failed, or `None` when it succeeded.
     pub fn failure_reason(&self) -> Option<String> {
+        match self.terminated {
+            Some(Termination::TimedOut(after)) => {
+                return Some(format!("timed out after {}", format_duration(after)))
+            }
+            Some(Termination::Stopped) => return Some("killed because the run stopped".to_owned()),
+            None => {}
+        }
         if let Some(error) = &self.error {
             return Some(error.clone());
         }
@@ -129,15 +149,28 @@ impl Drop for GaugeGuard<'_> {
     }
 }
 
+impl ProcessRunner {
+    /// Creates a runner that sends SIGKILL to a command's process group
+    /// `kill_after` its SIGTERM, when it has to be terminated.
+    pub fn new(kill_after: Duration) -> Self {
+        ProcessRunner {
+            gauge: Gauge::default(),
+            kill_after,
+        }
+    }
+}
+
 impl Runner for ProcessRunner {
-    async fn run(&self, job: Job) -> ItemResult {
+    async fn run(&self, job: Job, terminate: impl Future<Output = Termination>) -> ItemResult {
         let started = Instant::now();
         let mut child = match spawn(&job.argv) {
             Ok(child) => child,
             Err(error) => return ItemResult::failed(spawn_error(&job.argv[0], &error)),
         };
+        let group = child.id();
         let running = self.gauge.enter();
-        let mut result = collect(&mut child, job.stdin, running).await;
+        let collecting = collect(&mut child, job.stdin, running);
+        let mut result = collect_or_terminate(collecting, group, terminate, self.kill_after).await;
         result.duration = started.elapsed();
         result
     }
@@ -153,6 +186,9 @@ fn spawn(argv: &[String]) -> io::Result<Child> {
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        // A group of its own, so that a timeout can end the command's
+        // children too and Ctrl-C on the terminal reaches `backlog` alone.
+        .process_group(0)
         // A dropped item (a fatal error elsewhere) must not leave its command
         // running unseen.
         .kill_on_drop(true)
@@ -276,11 +312,23 @@ impl<F: Fn(&Job) -> (Duration, ItemResult)> MockRunner<F> {
 
 #[cfg(test)]
 impl<F: Fn(&Job) -> (Duration, ItemResult)> Runner for MockRunner<F> {
-    async fn run(&self, job: Job) -> ItemResult {
+    /// Replies after the delay, or as a command killed by SIGTERM once
+    /// `terminate` resolves.
+    async fn run(&self, job: Job, terminate: impl Future<Output = Termination>) -> ItemResult {
         let (delay, mut result) = (self.reply)(&job);
         let _running = self.gauge.enter();
-        tokio::time::sleep(delay).await;
-        result.duration = delay;
+        let started = tokio::time::Instant::now();
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            reason = terminate => {
+                result = ItemResult {
+                    signal: Some(15),
+                    terminated: Some(reason),
+                    ..ItemResult::default()
+                };
+            }
+        }
+        result.duration = started.elapsed();
         result
     }
 
@@ -326,13 +374,13 @@ mod tests {
 
     #[tokio::test]
     async fn run_process_collects_output_and_status() {
-        let runner = ProcessRunner::default();
+        let runner = ProcessRunner::new(Duration::from_secs(5));
         let argv = ["sh", "-c", "cat; echo err >&2; exit 3"];
         let job = Job {
             argv: argv.iter().map(|s| s.to_string()).collect(),
             stdin: b"hello\n".to_vec(),
         };
-        let result = runner.run(job).await;
+        let result = runner.run(job, std::future::pending()).await;
         assert_eq!(result.stdout, b"hello\n");
         assert_eq!(result.stderr_tail, ["err"]);
         assert_eq!(result.exit_code, Some(3));
@@ -342,17 +390,68 @@ mod tests {
 
     #[tokio::test]
     async fn run_missing_program_fails() {
-        let runner = ProcessRunner::default();
+        let runner = ProcessRunner::new(Duration::from_secs(5));
         let job = Job {
             argv: vec!["/nonexistent/backlog-test".to_owned()],
             stdin: Vec::new(),
         };
-        let result = runner.run(job).await;
+        let result = runner.run(job, std::future::pending()).await;
         let reason = result.failure_reason();
         assert_eq!(
             reason.as_deref(),
             Some("command not found: /nonexistent/backlog-test")
         );
         assert_eq!(runner.gauge().max(), 0);
+    }
+
+    fn sh_job(script: &str) -> Job {
+        Job {
+            argv: ["sh", "-c", script].iter().map(|s| s.to_string()).collect(),
+            stdin: Vec::new(),
+        }
+    }
+
+    async fn timed_out_after(millis: u64) -> Termination {
+        tokio::time::sleep(Duration::from_millis(millis)).await;
+        Termination::TimedOut(Duration::from_millis(millis))
+    }
+
+    #[tokio::test]
+    async fn run_terminates_group_on_timeout() {
+        let runner = ProcessRunner::new(Duration::from_secs(5));
+        // The background sleep holds stdout open, so the run only ends
+        // once the whole group is gone.
+        let job = sh_job("sleep 5 & sleep 5");
+        let started = Instant::now();
+        let result = runner.run(job, timed_out_after(100)).await;
+
+        assert!(started.elapsed() < Duration::from_secs(2), "{result:?}");
+        let timed_out = Termination::TimedOut(Duration::from_millis(100));
+        assert_eq!(result.terminated, Some(timed_out));
+        assert_eq!(result.signal, Some(15));
+        assert!(!result.is_ok());
+        assert_eq!(
+            result.failure_reason().as_deref(),
+            Some("timed out after 100ms")
+        );
+    }
+
+    #[tokio::test]
+    async fn run_kills_group_ignoring_sigterm() {
+        let runner = ProcessRunner::new(Duration::from_millis(200));
+        let job = sh_job("trap '' TERM; sleep 5");
+        let started = Instant::now();
+        // The stop comes once the shell has had time to set its trap.
+        let stopped = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Termination::Stopped
+        };
+        let result = runner.run(job, stopped).await;
+
+        let elapsed = started.elapsed();
+        assert!(elapsed >= Duration::from_millis(500), "{elapsed:?}");
+        assert!(elapsed < Duration::from_secs(2), "{elapsed:?}");
+        assert_eq!(result.signal, Some(9));
+        assert_eq!(result.terminated, Some(Termination::Stopped));
     }
 }

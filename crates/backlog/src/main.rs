@@ -3,13 +3,20 @@
 
 mod cli;
 mod config;
+mod duration;
 mod engine;
 mod exec;
+mod group;
+mod halt;
 mod journal;
+mod outcome;
 mod progress;
 mod results;
+mod retry;
+mod signals;
 mod source;
 mod status;
+mod stop;
 mod template;
 
 use std::io::{self, Write};
@@ -20,6 +27,7 @@ use clap::Parser;
 
 use crate::cli::{Cli, Command};
 use crate::config::Config;
+use crate::stop::StopCause;
 
 /// The exit statuses of `backlog`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +43,12 @@ enum Status {
     /// The reader of stdout went away, so the run stopped early. A shell
     /// reports the same status, 128 + 13, for a process killed by SIGPIPE.
     StdoutClosed = 141,
+    /// `--deadline` passed, as GNU `timeout` reports a time limit.
+    DeadlinePassed = 124,
+    /// SIGINT (Ctrl-C) stopped the run: 128 plus the signal number 2.
+    Interrupted = 130,
+    /// SIGTERM stopped the run: 128 plus the signal number 15.
+    Terminated = 143,
 }
 
 fn main() -> ExitCode {
@@ -59,7 +73,7 @@ fn main() -> ExitCode {
 /// Parses the arguments and runs the subcommand.
 fn run() -> anyhow::Result<ExitCode> {
     let args = match Cli::parse().command {
-        Command::Run(args) => args,
+        Command::Run(args) => *args,
         Command::Status(args) => return status::run(&args).map(|()| ExitCode::SUCCESS),
     };
     let config = Config::from_args(args)?;
@@ -71,10 +85,14 @@ fn run() -> anyhow::Result<ExitCode> {
     // Tokio reads standard input on a blocking thread that may still be
     // waiting for a line, and waiting for that thread would hang the exit.
     runtime.shutdown_background();
-    let status = if summary?.all_succeeded() {
-        Status::Success
-    } else {
-        Status::ItemsFailed
+    let summary = summary?;
+    let status = match summary.stopped {
+        Some(StopCause::Interrupt) => Status::Interrupted,
+        Some(StopCause::Terminate) => Status::Terminated,
+        Some(StopCause::Deadline(_)) => Status::DeadlinePassed,
+        Some(StopCause::Halt(_)) => Status::ItemsFailed,
+        None if summary.all_succeeded() => Status::Success,
+        None => Status::ItemsFailed,
     };
     Ok(ExitCode::from(status as u8))
 }

@@ -9,9 +9,13 @@ use indicatif::{ProgressBar, ProgressStyle};
 // Tokio's clock, so that tests with paused time see the wall time they simulate.
 use tokio::time::Instant;
 
+use crate::duration::format_duration;
 use crate::exec::ItemResult;
 use crate::journal::Skip;
+use crate::outcome::ItemOutcome;
+use crate::retry::RetryNotice;
 use crate::source::{Item, ItemKind};
+use crate::stop::StopCause;
 
 /// How many failed items the summary lists.
 const SUMMARY_FAILURES: usize = 10;
@@ -36,7 +40,7 @@ enum View {
 pub struct Summary {
     /// Items whose command exited with status 0.
     pub succeeded: u64,
-    /// Items that failed, malformed ones included.
+    /// Items that failed, malformed, timed out and killed ones included.
     pub failed: u64,
     /// Items that failed because their line was not a valid item.
     pub malformed: u64,
@@ -46,6 +50,19 @@ pub struct Summary {
     pub skipped_failed: u64,
     /// Items skipped because an earlier line has the same key.
     pub duplicates: u64,
+    /// Items whose last attempt ran longer than `--timeout`.
+    pub timed_out: u64,
+    /// Items whose command was killed because the run stopped now.
+    pub killed: u64,
+    /// Items that succeeded or failed after more than one attempt.
+    pub retried: u64,
+    /// Items read but never run because the run was stopping, including
+    /// those left in an input file.
+    pub not_started: u64,
+    /// The cause that stopped the run before its input ran out, if any.
+    pub stopped: Option<StopCause>,
+    /// Whether the run stopped with standard input not read to its end.
+    pub input_left_unread: bool,
     /// The first failed items in the order they finished, items skipped
     /// because they failed in an earlier run included.
     pub failures: Vec<Failure>,
@@ -100,10 +117,16 @@ impl Progress {
     }
 
     /// Counts a finished item and shows it.
-    pub fn finished(&mut self, item: &Item, result: &ItemResult, running: usize) {
-        let failure = describe_failure(result);
-        self.count(item, failure.as_deref());
-        let line = self.log_line(item, result, failure.as_deref());
+    pub fn finished(
+        &mut self,
+        item: &Item,
+        result: &ItemResult,
+        outcome: &ItemOutcome,
+        running: usize,
+    ) {
+        let failure = describe_failure(result, outcome);
+        self.count(item, outcome, failure.as_deref());
+        let line = self.log_line(item, result, outcome, failure.as_deref());
         match &mut self.view {
             View::Bar(bar) => {
                 if failure.is_some() {
@@ -153,6 +176,25 @@ impl Progress {
         self.refresh(running);
     }
 
+    /// Shows that item `index`, from input line `line`, waits to retry.
+    pub fn retrying(&mut self, index: u64, line: u64, notice: &RetryNotice) {
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let RetryNotice {
+            failure,
+            attempt,
+            max_attempts,
+            delay,
+        } = notice;
+        let delay = format_duration(*delay);
+        let text = format!(
+            "{elapsed:>6.2}s  retry  #{index} line {line}: {failure}; attempt {attempt} of {max_attempts} in {delay}"
+        );
+        match &mut self.view {
+            View::Bar(bar) => bar.println(text),
+            View::Log(out) => drop(writeln!(out, "{text}")),
+        }
+    }
+
     /// Redraws the counts, with `running` commands running now.
     pub fn refresh(&self, running: usize) {
         if let View::Bar(bar) = &self.view {
@@ -175,12 +217,24 @@ impl Progress {
         std::mem::take(&mut self.summary)
     }
 
-    fn count(&mut self, item: &Item, failure: Option<&str>) {
+    fn count(&mut self, item: &Item, outcome: &ItemOutcome, failure: Option<&str>) {
         let summary = &mut self.summary;
+        if outcome.attempts() > 1 {
+            summary.retried += 1;
+        }
         let Some(reason) = failure else {
             summary.succeeded += 1;
             return;
         };
+        match outcome {
+            ItemOutcome::NotStarted { .. } => {
+                summary.not_started += 1;
+                return;
+            }
+            ItemOutcome::TimedOut { .. } => summary.timed_out += 1,
+            ItemOutcome::Interrupted { .. } => summary.killed += 1,
+            ItemOutcome::Done { .. } | ItemOutcome::Failed { .. } => {}
+        }
         summary.failed += 1;
         if matches!(item.kind, ItemKind::Malformed { .. }) {
             summary.malformed += 1;
@@ -192,23 +246,45 @@ impl Progress {
         }
     }
 
-    fn log_line(&self, item: &Item, result: &ItemResult, failure: Option<&str>) -> String {
+    fn log_line(
+        &self,
+        item: &Item,
+        result: &ItemResult,
+        outcome: &ItemOutcome,
+        failure: Option<&str>,
+    ) -> String {
         let elapsed = self.started.elapsed().as_secs_f64();
         let (index, line) = (item.index, item.line);
-        match failure {
-            None => {
-                let duration = result.duration.as_secs_f64();
-                format!("{elapsed:>6.2}s  ok     #{index} line {line} ({duration:.2}s)")
-            }
-            Some(reason) => format!("{elapsed:>6.2}s  FAILED #{index} line {line}: {reason}"),
-        }
+        let attempts = outcome.attempts();
+        let Some(reason) = failure else {
+            let duration = result.duration.as_secs_f64();
+            let tries = if attempts > 1 {
+                format!(", {attempts} attempts")
+            } else {
+                String::new()
+            };
+            return format!("{elapsed:>6.2}s  ok     #{index} line {line} ({duration:.2}s{tries})");
+        };
+        let tag = match outcome {
+            ItemOutcome::NotStarted { .. } => "SKIP  ",
+            ItemOutcome::Interrupted { .. } => "KILLED",
+            _ => "FAILED",
+        };
+        format!("{elapsed:>6.2}s  {tag} #{index} line {line}: {reason}")
     }
 }
 
 /// Returns why an item failed, followed by the last line its command wrote
-/// to stderr, or `None` when it succeeded.
-fn describe_failure(result: &ItemResult) -> Option<String> {
-    let reason = result.failure_reason()?;
+/// to stderr and the number of attempts when there were several, or `None`
+/// when it succeeded.
+fn describe_failure(result: &ItemResult, outcome: &ItemOutcome) -> Option<String> {
+    let reason = outcome.reason()?;
+    let attempts = outcome.attempts();
+    let reason = if attempts > 1 {
+        format!("{reason} (after {attempts} attempts)")
+    } else {
+        reason
+    };
     let last_stderr = result
         .stderr_tail
         .iter()
@@ -223,8 +299,24 @@ fn describe_failure(result: &ItemResult) -> Option<String> {
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "done {}, failed {}", self.succeeded, self.failed)?;
-        if self.malformed > 0 {
-            write!(f, " ({} malformed)", self.malformed)?;
+        let kinds = [
+            (self.malformed, "malformed"),
+            (self.timed_out, "timed out"),
+            (self.killed, "killed"),
+        ];
+        let kinds: Vec<String> = kinds
+            .iter()
+            .filter(|(count, _)| *count > 0)
+            .map(|(count, kind)| format!("{count} {kind}"))
+            .collect();
+        if !kinds.is_empty() {
+            write!(f, " ({})", kinds.join(", "))?;
+        }
+        if self.not_started > 0 {
+            write!(f, ", not started {}", self.not_started)?;
+        }
+        if self.retried > 0 {
+            write!(f, ", retried {}", self.retried)?;
         }
         self.fmt_skipped(f)?;
         let wall_time = self.wall_time.as_secs_f64();
@@ -235,14 +327,18 @@ impl fmt::Display for Summary {
         };
         write!(f, ", wall time {wall_time:.2}s")?;
         write!(f, ", at most {} {commands} ran at once", self.max_running)?;
-        self.fmt_failures(f)
+        self.fmt_failures(f)?;
+        self.fmt_stop(f)
     }
 }
 
 impl Summary {
     /// Returns whether every item succeeded, now or in an earlier run.
     pub fn all_succeeded(&self) -> bool {
-        self.failed == 0 && self.skipped_failed == 0
+        self.failed == 0
+            && self.skipped_failed == 0
+            && self.not_started == 0
+            && self.stopped.is_none()
     }
 
     /// Returns the number of items the journal skipped.
@@ -265,6 +361,20 @@ impl Summary {
             .map(|(count, what)| format!("{count} {what}"))
             .collect();
         write!(f, ", skipped {} ({})", self.skipped(), parts.join(", "))
+    }
+
+    fn fmt_stop(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Some(cause) = &self.stopped else {
+            return Ok(());
+        };
+        write!(f, "\nstopped early: {cause}")?;
+        if self.input_left_unread {
+            write!(f, "; the rest of standard input was not read")?;
+        } else if self.not_started > 0 {
+            let items = crate::signals::plural_items(self.not_started as usize);
+            write!(f, "; {} {items} not started", self.not_started)?;
+        }
+        Ok(())
     }
 
     fn fmt_failures(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -295,6 +405,10 @@ impl Summary {
 mod tests {
     use super::*;
 
+    fn outcome_of(result: &ItemResult) -> ItemOutcome {
+        ItemOutcome::from_last_attempt(result, 1, None)
+    }
+
     fn item(index: u64, kind: ItemKind) -> Item {
         Item {
             index,
@@ -319,10 +433,15 @@ mod tests {
             raw: String::new(),
             reason: "invalid JSON".to_owned(),
         };
-        progress.finished(&item(0, ItemKind::Text("a".to_owned())), &ok, 0);
-        progress.finished(&item(1, ItemKind::Text("b".to_owned())), &failed, 0);
+        let text = |t: &str| ItemKind::Text(t.to_owned());
+        progress.finished(&item(0, text("a")), &ok, &outcome_of(&ok), 0);
+        progress.finished(&item(1, text("b")), &failed, &outcome_of(&failed), 0);
         let reason = ItemResult::failed("invalid JSON".to_owned());
-        progress.finished(&item(2, malformed), &reason, 0);
+        let not_run = ItemOutcome::Failed {
+            attempts: 0,
+            last_error: "invalid JSON".to_owned(),
+        };
+        progress.finished(&item(2, malformed), &reason, &not_run, 0);
         let summary = progress.finish(2);
 
         assert_eq!(
@@ -347,11 +466,53 @@ mod tests {
         let mut progress = Progress::log(Box::new(std::io::sink()));
         let failed = ItemResult::failed("down".to_owned());
         for index in 0..12 {
-            progress.finished(&item(index, ItemKind::Text("x".to_owned())), &failed, 0);
+            let outcome = outcome_of(&failed);
+            progress.finished(
+                &item(index, ItemKind::Text("x".to_owned())),
+                &failed,
+                &outcome,
+                0,
+            );
         }
         let summary = progress.finish(1);
         assert_eq!(summary.failures.len(), SUMMARY_FAILURES);
         assert!(summary.to_string().contains("first 10 of 12 failed items:"));
         assert!(summary.to_string().contains("at most 1 command ran"));
+    }
+
+    #[test]
+    fn summary_counts_stops_and_retries() {
+        let mut progress = Progress::log(Box::new(std::io::sink()));
+        let x = || item(0, ItemKind::Text("x".to_owned()));
+        let ok = ItemResult {
+            exit_code: Some(0),
+            ..ItemResult::default()
+        };
+        progress.finished(&x(), &ok, &ItemOutcome::Done { attempts: 3 }, 0);
+        let after = Duration::from_secs(1);
+        let timed_out = ItemOutcome::TimedOut { attempts: 1, after };
+        progress.finished(&x(), &ItemResult::default(), &timed_out, 0);
+        let cause = Some(StopCause::Interrupt);
+        let killed = ItemOutcome::Interrupted {
+            attempts: 1,
+            cause: cause.clone(),
+        };
+        progress.finished(&x(), &ItemResult::default(), &killed, 0);
+        let skipped = ItemOutcome::NotStarted { cause };
+        progress.finished(&x(), &ItemResult::default(), &skipped, 0);
+        let mut summary = progress.finish(1);
+        summary.stopped = Some(StopCause::Interrupt);
+
+        assert_eq!((summary.succeeded, summary.failed), (1, 2));
+        assert_eq!((summary.timed_out, summary.killed), (1, 1));
+        assert_eq!((summary.retried, summary.not_started), (1, 1));
+        assert!(!summary.all_succeeded());
+        let text = summary.to_string();
+        let counts = "done 1, failed 2 (1 timed out, 1 killed), not started 1, retried 1,";
+        assert!(text.starts_with(counts), "{text}");
+        assert!(
+            text.ends_with("\nstopped early: interrupted; 1 item not started"),
+            "{text}"
+        );
     }
 }

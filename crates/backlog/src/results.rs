@@ -9,6 +9,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::exec::ItemResult;
+use crate::outcome::ItemOutcome;
 use crate::source::{Item, ItemKind};
 
 /// Appends one JSON line per item to a writer, flushing after each.
@@ -24,6 +25,8 @@ struct Record<'a> {
     line: u64,
     item: RecordItem<'a>,
     ok: bool,
+    outcome: &'static str,
+    attempts: u32,
     exit_code: Option<i32>,
     signal: Option<i32>,
     duration_ms: f64,
@@ -54,9 +57,15 @@ impl<W: Write> ResultsWriter<W> {
         ResultsWriter { out }
     }
 
-    /// Writes and flushes the record of one finished item.
-    pub fn write(&mut self, item: &Item, result: &ItemResult) -> io::Result<()> {
-        serde_json::to_writer(&mut self.out, &Record::new(item, result))?;
+    /// Writes and flushes the record of one finished item, with the result
+    /// of its last attempt.
+    pub fn write(
+        &mut self,
+        item: &Item,
+        result: &ItemResult,
+        outcome: &ItemOutcome,
+    ) -> io::Result<()> {
+        serde_json::to_writer(&mut self.out, &Record::new(item, result, outcome))?;
         self.out.write_all(b"\n")?;
         self.out.flush()
     }
@@ -69,7 +78,7 @@ impl<W: Write> ResultsWriter<W> {
 }
 
 impl<'a> Record<'a> {
-    fn new(item: &'a Item, result: &'a ItemResult) -> Self {
+    fn new(item: &'a Item, result: &'a ItemResult, outcome: &ItemOutcome) -> Self {
         let record_item = match &item.kind {
             ItemKind::Text(text) => RecordItem::Text(text),
             ItemKind::Json(value) => RecordItem::Json(value),
@@ -79,12 +88,14 @@ impl<'a> Record<'a> {
             index: item.index,
             line: item.line,
             item: record_item,
-            ok: result.is_ok(),
+            ok: outcome.is_done(),
+            outcome: outcome.name(),
+            attempts: outcome.attempts(),
             exit_code: result.exit_code,
             signal: result.signal,
             duration_ms: result.duration.as_secs_f64() * 1000.0,
             stderr_tail: &result.stderr_tail,
-            error: result.failure_reason(),
+            error: outcome.reason(),
         }
     }
 }
@@ -98,13 +109,18 @@ mod tests {
     use super::*;
 
     fn write_one(kind: ItemKind, result: &ItemResult) -> Value {
+        let outcome = ItemOutcome::from_last_attempt(result, 1, None);
+        write_outcome(kind, result, &outcome)
+    }
+
+    fn write_outcome(kind: ItemKind, result: &ItemResult, outcome: &ItemOutcome) -> Value {
         let item = Item {
             index: 4,
             line: 7,
             kind,
         };
         let mut writer = ResultsWriter::new(Vec::new());
-        writer.write(&item, result).unwrap();
+        writer.write(&item, result, outcome).unwrap();
         let bytes = writer.into_inner();
         assert_eq!(bytes.last(), Some(&b'\n'));
         serde_json::from_slice(&bytes).unwrap()
@@ -119,7 +135,8 @@ mod tests {
         };
         let record = write_one(ItemKind::Text("a b".to_owned()), &result);
         let expected = json!({
-            "index": 4, "line": 7, "item": "a b", "ok": true, "exit_code": 0,
+            "index": 4, "line": 7, "item": "a b", "ok": true, "outcome": "done",
+            "attempts": 1, "exit_code": 0,
             "signal": null, "duration_ms": 1500.0, "stderr_tail": [], "error": null,
         });
         assert_eq!(record, expected);
@@ -146,9 +163,28 @@ mod tests {
             reason: "invalid JSON: x".to_owned(),
         };
         let result = ItemResult::failed("invalid JSON: x".to_owned());
-        let record = write_one(kind, &result);
+        let outcome = ItemOutcome::Failed {
+            attempts: 0,
+            last_error: "invalid JSON: x".to_owned(),
+        };
+        let record = write_outcome(kind, &result, &outcome);
+        assert_eq!(record["attempts"], json!(0));
+        assert_eq!(record["outcome"], json!("failed"));
         assert_eq!(record["item"], json!("{bad"));
         assert_eq!(record["exit_code"], Value::Null);
         assert_eq!(record["error"], json!("invalid JSON: x"));
+    }
+
+    #[test]
+    fn write_not_started_record() {
+        let outcome = ItemOutcome::NotStarted {
+            cause: Some(crate::stop::StopCause::Interrupt),
+        };
+        let kind = ItemKind::Text("later".to_owned());
+        let record = write_outcome(kind, &ItemResult::default(), &outcome);
+        assert_eq!(record["ok"], json!(false));
+        assert_eq!(record["outcome"], json!("not_started"));
+        assert_eq!(record["attempts"], json!(0));
+        assert_eq!(record["error"], json!("not started: interrupted"));
     }
 }

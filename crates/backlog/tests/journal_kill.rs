@@ -4,7 +4,6 @@
 //! at most `--max-run` items run twice.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::thread::sleep;
@@ -48,21 +47,57 @@ fn start_run(dir: &Path) -> Child {
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        // Its own process group, so that the kill takes the commands too,
-        // as a service manager or the OOM killer would.
-        .process_group(0)
         .spawn()
         .unwrap()
 }
 
-/// Sends SIGKILL to the run and its commands, and reaps the run.
+/// Returns the pids of the processes whose parent is `parent`.
+fn children_of(parent: u32) -> Vec<u32> {
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // The fields after the command name, which is in parentheses and
+        // may contain spaces: state, then the parent's pid.
+        let Some((_, fields)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        if fields.split_whitespace().nth(1) == Some(&parent.to_string()) {
+            children.push(pid);
+        }
+    }
+    children
+}
+
+fn send(signal: &str, pid: u32) {
+    // A process may exit between the listing and the signal, so a failed
+    // kill is fine here.
+    let _ = Command::new("kill")
+        .args(["-s", signal, &pid.to_string()])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Sends SIGKILL to the run and every process it started, as a service
+/// manager stopping the run's cgroup would, and reaps the run. The run is
+/// stopped first, so that it starts nothing while its tree is listed.
 fn kill_group(child: &mut Child) {
-    let group = format!("-{}", child.id());
-    let status = Command::new("kill")
-        .args(["-s", "KILL", "--", &group])
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill {group} failed");
+    let root = child.id();
+    send("STOP", root);
+    let mut tree = vec![root];
+    let mut next = 0;
+    while next < tree.len() {
+        let children = children_of(tree[next]);
+        tree.extend(children);
+        next += 1;
+    }
+    for &pid in tree.iter().rev() {
+        send("KILL", pid);
+    }
     child.wait().unwrap();
 }
 

@@ -123,7 +123,9 @@ mod spawn;
 mod sync;
 
 pub use acquire::{Acquire, AcquireOwned};
-pub use backlog::{Backlog, FailurePolicy, ForEach, Outcome, Report, StopReason, Threshold};
+pub use backlog::{
+    Backlog, FailurePolicy, ForEach, Outcome, Report, StartWork, StopReason, Threshold, WithPermit,
+};
 pub use error::{AcquireError, LimitError, TryAcquireError};
 pub use limiter::Limiter;
 pub use list::{

@@ -257,7 +257,7 @@ fn percent_threshold_rejects_invalid_percent() {
             min_finished: 1,
         };
         let result = std::panic::catch_unwind(|| {
-            Backlog::new(&sem, 0..1u64, |n| async move { Ok::<_, ()>(n) })
+            let _ = Backlog::new(&sem, 0..1u64, |n| async move { Ok::<_, ()>(n) })
                 .on_failure(FailurePolicy::StopSoon(threshold));
         });
         assert!(result.is_err(), "percent {percent} was accepted");
@@ -376,4 +376,94 @@ async fn backlog_on_two_workers_stays_under_the_limit() {
     assert_eq!(report.succeeded, 20_000);
     assert!(peak.load(Ordering::SeqCst) <= 8);
     assert_eq!(sem.tokens(), 8);
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_permits_lets_others_run_while_one_waits() {
+    let sem = DeferredSemaphore::new(1);
+    let start = Instant::now();
+    let items = futures::stream::iter(0..2u64);
+    let work = |n: u64, permit: deferred_semaphore::OwnedPermit| {
+        let sem = &sem;
+        async move {
+            if n == 0 {
+                // Wait without the permit, then queue for a new one.
+                drop(permit);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let _again = sem.acquire_owned().await.map_err(|_| n)?;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            } else {
+                let _held = permit;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Ok::<_, u64>(start.elapsed())
+        }
+    };
+    let (outcomes, report) = Backlog::from_stream_with_permits(&sem, items, work)
+        .collect()
+        .await;
+
+    assert_eq!(report.succeeded, 2);
+    let order: Vec<u64> = outcomes.iter().map(|o| o.index).collect();
+    assert_eq!(order, [1, 0]);
+    // Item 1 ran while item 0 waited, so it ended after 10 ms, not 110 ms.
+    assert_eq!(outcomes[0].result, Ok(Duration::from_millis(10)));
+    assert_eq!(outcomes[1].result, Ok(Duration::from_millis(110)));
+    assert_eq!(sem.tokens(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_permits_held_permit_keeps_the_limit() {
+    let sem = DeferredSemaphore::new(2);
+    let running = Cell::new(0usize);
+    let max_running = Cell::new(0usize);
+    let items = futures::stream::iter(0..6u64);
+    let work = |n: u64, permit| {
+        let (running, max_running) = (&running, &max_running);
+        async move {
+            let _held = permit;
+            running.set(running.get() + 1);
+            max_running.set(max_running.get().max(running.get()));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            running.set(running.get() - 1);
+            Ok::<_, ()>(n)
+        }
+    };
+    let start = Instant::now();
+    let report = Backlog::from_stream_with_permits(&sem, items, work)
+        .for_each(|_| async {})
+        .await;
+
+    assert_eq!(report.succeeded, 6);
+    assert_eq!(max_running.get(), 2);
+    assert_eq!(start.elapsed(), Duration::from_millis(30));
+    assert_eq!(sem.tokens(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_permits_buffer_bounds_items_in_flight() {
+    let sem = DeferredSemaphore::new(2);
+    let in_flight = Cell::new(0usize);
+    let max_in_flight = Cell::new(0usize);
+    let items = futures::stream::iter(0..20u64);
+    // Every item gives its permit back at once, so only the buffer (twice
+    // the limit) bounds how many are in flight.
+    let work = |n: u64, permit| {
+        let (in_flight, max_in_flight) = (&in_flight, &max_in_flight);
+        drop::<deferred_semaphore::OwnedPermit>(permit);
+        in_flight.set(in_flight.get() + 1);
+        max_in_flight.set(max_in_flight.get().max(in_flight.get()));
+        async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            in_flight.set(in_flight.get() - 1);
+            Ok::<_, ()>(n)
+        }
+    };
+    let report = Backlog::from_stream_with_permits(&sem, items, work)
+        .for_each(|_| async {})
+        .await;
+
+    assert_eq!(report.succeeded, 20);
+    assert_eq!(max_in_flight.get(), 4);
+    assert_eq!(sem.tokens(), 2);
 }

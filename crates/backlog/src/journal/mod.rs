@@ -225,7 +225,7 @@ fn sorted_keys(value: &serde_json::Value) -> serde_json::Value {
     match value {
         Value::Object(map) => {
             let mut entries: Vec<_> = map.iter().collect();
-            entries.sort_by(|(a, _), (b, _)| a.cmp(b));
+            entries.sort_by_key(|(key, _)| *key);
             let sorted = entries
                 .into_iter()
                 .map(|(key, value)| (key.clone(), sorted_keys(value)))
@@ -256,18 +256,6 @@ impl AttemptRecord {
         AttemptRecord {
             error: Some(format!("interrupted: {reason}")),
             ..AttemptRecord::default()
-        }
-    }
-}
-
-impl AttemptEnd {
-    /// Returns the end of a final attempt: succeeded or failed.
-    pub fn last(result: &ItemResult) -> Self {
-        let record = AttemptRecord::from_result(result);
-        if result.is_ok() {
-            AttemptEnd::Succeeded(record)
-        } else {
-            AttemptEnd::Failed(record)
         }
     }
 }

@@ -14,6 +14,7 @@ use pin_project_lite::pin_project;
 use super::buffer::OutcomeBuffer;
 use super::policy::{FailurePolicy, Outcome, Report, StopReason};
 use super::task::Task;
+use super::work::StartWork;
 use crate::limiter::Limiter;
 
 /// Rounds of the poll loop before the future yields to its executor, so that
@@ -145,7 +146,7 @@ impl<L, S, F, C, Fut, CFut> Future for ForEach<L, S, F, C, Fut, CFut>
 where
     L: Limiter,
     S: Stream,
-    F: FnMut(S::Item) -> Fut,
+    F: StartWork<S::Item, L::Permit, Future = Fut>,
     Fut: TryFuture,
     C: FnMut(Outcome<Fut::Ok, Fut::Error>) -> CFut,
     CFut: Future<Output = ()>,
@@ -249,7 +250,7 @@ fn start_work<L, S, F, Fut>(
 where
     L: Limiter,
     S: Stream,
-    F: FnMut(S::Item) -> Fut,
+    F: StartWork<S::Item, L::Permit, Future = Fut>,
     Fut: TryFuture,
 {
     let mut progressed = false;
@@ -296,7 +297,8 @@ where
                 progress.next_index += 1;
                 progress.report.started += 1;
                 outcomes.started();
-                running.push(Task::new(work(item), permit, index));
+                let (future, permit) = work.start(item, permit);
+                running.push(Task::new(future, permit, index));
                 progress.report.max_running = progress.report.max_running.max(running.len());
             }
             Poll::Ready(None) => progress.source_done = true,

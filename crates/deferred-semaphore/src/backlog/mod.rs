@@ -4,6 +4,7 @@ mod buffer;
 mod for_each;
 mod policy;
 mod task;
+mod work;
 
 use std::future::{ready, Future, Ready};
 use std::num::NonZeroUsize;
@@ -13,6 +14,7 @@ use futures_util::stream::{self, Iter};
 
 pub use for_each::ForEach;
 pub use policy::{FailurePolicy, Outcome, Report, StopReason, Threshold};
+pub use work::{StartWork, WithPermit};
 
 use crate::limiter::Limiter;
 
@@ -144,6 +146,58 @@ where
         Fut: TryFuture,
     {
         Backlog::assemble(limiter, stream::iter(items), work)
+    }
+}
+
+impl<L, S, F> Backlog<L, S, WithPermit<F>> {
+    /// Creates a backlog over the items of a stream whose work receives the
+    /// permit acquired for its item.
+    ///
+    /// The work may drop the permit before it ends and acquire another one,
+    /// so that an item waiting to retry does not keep others from running.
+    /// The backlog still pulls an item only once it holds a permit for it,
+    /// and at most [`buffer`](Self::buffer) items are in flight, whether
+    /// they hold a permit or not.
+    ///
+    /// The permit lives inside the work's future, so cancelling the work
+    /// drops it along with the rest of the future's state, in the order the
+    /// future declares them, not strictly after the work has stopped.
+    ///
+    /// # Examples
+    ///
+    /// Give the permit back while waiting, and queue for a new one:
+    ///
+    /// ```
+    /// use deferred_semaphore::{Backlog, DeferredSemaphore, OwnedPermit};
+    /// use futures::stream;
+    ///
+    /// # futures::executor::block_on(async {
+    /// let sem = DeferredSemaphore::new(1);
+    /// let items = stream::iter([1u32, 2, 3]);
+    /// let work = |n: u32, permit: OwnedPermit| {
+    ///     let sem = &sem;
+    ///     async move {
+    ///         drop(permit);
+    ///         // ...wait without holding the permit...
+    ///         let _again = sem.acquire_owned().await.map_err(|_| n)?;
+    ///         Ok::<_, u32>(n * 10)
+    ///     }
+    /// };
+    /// let (outcomes, report) = Backlog::from_stream_with_permits(&sem, items, work)
+    ///     .collect()
+    ///     .await;
+    /// assert_eq!(outcomes.len(), 3);
+    /// assert_eq!(report.succeeded, 3);
+    /// # });
+    /// ```
+    pub fn from_stream_with_permits<Fut>(limiter: L, items: S, work: F) -> Self
+    where
+        L: Limiter,
+        S: Stream,
+        F: FnMut(S::Item, L::Permit) -> Fut,
+        Fut: TryFuture,
+    {
+        Backlog::assemble(limiter, items, WithPermit(work))
     }
 }
 
@@ -306,7 +360,7 @@ impl<L, S, F> Backlog<L, S, F> {
     where
         L: Limiter,
         S: Stream,
-        F: FnMut(S::Item) -> Fut,
+        F: StartWork<S::Item, L::Permit, Future = Fut>,
         Fut: TryFuture,
         C: FnMut(Outcome<Fut::Ok, Fut::Error>) -> CFut,
         CFut: Future<Output = ()>,
@@ -342,7 +396,7 @@ impl<L, S, F> Backlog<L, S, F> {
     where
         L: Limiter,
         S: Stream,
-        F: FnMut(S::Item) -> Fut,
+        F: StartWork<S::Item, L::Permit, Future = Fut>,
         Fut: TryFuture,
     {
         let mut outcomes = Vec::new();

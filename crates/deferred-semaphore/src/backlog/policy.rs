@@ -45,7 +45,19 @@ pub enum Threshold {
 }
 
 impl Threshold {
-    pub(crate) fn reached(&self, failed: u64, finished: u64) -> bool {
+    /// Returns whether `failed` failures among `finished` finished items
+    /// reach the threshold.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use deferred_semaphore::Threshold;
+    ///
+    /// let half = Threshold::Percent { percent: 50.0, min_finished: 4 };
+    /// assert!(!half.reached(2, 3));
+    /// assert!(half.reached(2, 4));
+    /// ```
+    pub fn reached(&self, failed: u64, finished: u64) -> bool {
         match *self {
             Threshold::Failures(n) => failed >= n.get(),
             Threshold::Percent {

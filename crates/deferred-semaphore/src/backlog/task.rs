@@ -21,10 +21,12 @@ pin_project! {
 }
 
 impl<Fut, P> Task<Fut, P> {
-    pub(crate) fn new(work: Fut, permit: P, index: u64) -> Self {
+    /// Creates the task of item `index`. A `permit` of `None` means that
+    /// the work holds its own permit.
+    pub(crate) fn new(work: Fut, permit: Option<P>, index: u64) -> Self {
         Task {
             work,
-            permit: Some(permit),
+            permit,
             index,
         }
     }
