@@ -587,3 +587,33 @@ fn run_closed_stderr_still_succeeds() {
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+#[test]
+fn run_escapes_stderr_in_log_only() {
+    let dir = TempDir::new().unwrap();
+    let input = write_input(&dir, "in.txt", b"escape\nlong\n");
+    let results = dir.path().join("results.jsonl");
+    let script = r#"
+        if [ "$1" = escape ]; then printf '\033[31mred\n' >&2
+        else head -c 70000 /dev/zero | tr '\0' x >&2
+        fi
+        exit 1"#;
+    let output = backlog()
+        .args(["run", &input, "--results", results.to_str().unwrap()])
+        .args(["--", "sh", "-c", script, "sh", "{}"])
+        .output()
+        .unwrap();
+    let stderr = stderr_of(&output);
+    // Without the cap, stderr contains a 64 KiB line, so show only its start.
+    let start: String = stderr.chars().take(1000).collect();
+
+    assert_eq!(output.status.code(), Some(1), "{start}");
+    assert!(!stderr.contains('\x1b'), "{start:?}");
+    assert!(stderr.contains(r"exit status 1: \x1b[31mred"), "{start}");
+    assert!(stderr.contains("…(65"), "{start}");
+    assert!(stderr.lines().all(|line| line.len() < 1000), "{start}");
+    let records = results_by_index(&results);
+    assert_eq!(records[0]["stderr_tail"], json!(["\x1b[31mred"]));
+    let long = records[1]["stderr_tail"][0].as_str().unwrap();
+    assert_eq!(long.len(), 64 * 1024);
+}
