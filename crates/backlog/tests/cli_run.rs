@@ -617,3 +617,60 @@ fn run_escapes_stderr_in_log_only() {
     let long = records[1]["stderr_tail"][0].as_str().unwrap();
     assert_eq!(long.len(), 64 * 1024);
 }
+
+#[test]
+fn results_file_keeps_records_whole() {
+    // Two runs append records of about 60 KB to one results file at once.
+    // A record written in several pieces would interleave with the other
+    // run's records and leave lines that are not JSON.
+    let dir = TempDir::new().unwrap();
+    let items: String = (0..100)
+        .map(|n| format!("{n}-{}\n", "x".repeat(60_000)))
+        .collect();
+    let input = write_input(&dir, "in.txt", items.as_bytes());
+    let results = dir.path().join("results.jsonl");
+    let start_run = || {
+        std::process::Command::new(assert_cmd::cargo::cargo_bin!("backlog"))
+            .args(["run", "--max-run", "4", "--results"])
+            .arg(&results)
+            .args([&input, "--", "true"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut runs = [start_run(), start_run()];
+    for run in &mut runs {
+        assert_eq!(run.wait().unwrap().code(), Some(0));
+    }
+
+    let text = std::fs::read_to_string(&results).unwrap();
+    let mut lines = 0;
+    for (number, line) in text.lines().enumerate() {
+        let record: Result<Value, _> = serde_json::from_str(line);
+        assert!(record.is_ok(), "line {} is not JSON", number + 1);
+        lines += 1;
+    }
+    assert_eq!(lines, 200);
+}
+
+#[test]
+fn results_file_after_torn_record() {
+    // A run killed during a write can leave part of a record at the end.
+    let dir = TempDir::new().unwrap();
+    let input = write_input(&dir, "in.txt", b"a\n");
+    let results = dir.path().join("results.jsonl");
+    std::fs::write(&results, "{\"index\":0,\"line\":1,\"it").unwrap();
+    backlog()
+        .args(["run", &input, "--results", results.to_str().unwrap()])
+        .args(["--", "true"])
+        .assert()
+        .code(0);
+
+    let text = std::fs::read_to_string(&results).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert_eq!(lines[0], "{\"index\":0,\"line\":1,\"it");
+    let record: Value = serde_json::from_str(lines[1]).unwrap();
+    assert_eq!(record["item"], json!("a"));
+}
