@@ -674,3 +674,35 @@ fn results_file_after_torn_record() {
     let record: Value = serde_json::from_str(lines[1]).unwrap();
     assert_eq!(record["item"], json!("a"));
 }
+
+#[test]
+fn run_help_lists_exit_statuses() {
+    let output = backlog().args(["run", "--help"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let help = String::from_utf8(output.stdout).unwrap();
+    for status in ["0", "1", "2", "130", "141"] {
+        let pattern = format!(r"(?m)^  {status} +\S");
+        let listed = predicate::str::is_match(pattern).unwrap();
+        assert!(listed.eval(&help), "status {status} missing:\n{help}");
+    }
+    assert!(help.contains("`{{print}}`"), "{help}");
+    assert!(help.contains("128 KiB"), "{help}");
+}
+
+#[test]
+fn command_without_separator_gets_hint() {
+    let hint = "hint: put `--` before the command, as in: backlog run INPUT -- COMMAND ARGS";
+    backlog()
+        .args(["run", "in.txt", "echo", "hi"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("unexpected argument 'echo'"))
+        .stderr(predicate::str::contains(hint));
+    // With `--` present, the mistake is elsewhere and the hint would mislead.
+    backlog()
+        .args(["run", "--bogus", "in.txt", "--", "true"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("unexpected argument '--bogus'"))
+        .stderr(predicate::str::contains("hint:").not());
+}
