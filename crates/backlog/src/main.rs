@@ -5,6 +5,7 @@ mod cli;
 mod config;
 mod engine;
 mod exec;
+mod file_limit;
 mod journal;
 mod progress;
 mod results;
@@ -64,6 +65,7 @@ fn run() -> anyhow::Result<ExitCode> {
         Command::Status(args) => return status::run(&args).map(|()| ExitCode::SUCCESS),
     };
     let config = Config::from_args(args)?;
+    file_limit::ensure_room_for(config.max_run)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -706,3 +706,60 @@ fn command_without_separator_gets_hint() {
         .stderr(predicate::str::contains("unexpected argument '--bogus'"))
         .stderr(predicate::str::contains("hint:").not());
 }
+
+/// Runs `backlog run INPUT ARGS...` through `sh -c` after the shell command
+/// `ulimit`, which sets the file descriptor limit that backlog inherits.
+fn run_under_ulimit(ulimit: &str, input: &str, args: &[&str]) -> std::process::Output {
+    let script = format!(r#"{ulimit} || exit 99; exec "$0" run "$@""#);
+    std::process::Command::new("sh")
+        .args(["-c", &script])
+        .arg(assert_cmd::cargo::cargo_bin!("backlog"))
+        .arg(input)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Returns the hard limit on open files of this process.
+fn hard_file_limit() -> u64 {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let line = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .unwrap();
+    let hard = line.split_whitespace().nth(4).unwrap();
+    hard.parse().unwrap_or(u64::MAX)
+}
+
+#[test]
+fn file_limit_too_low_is_rejected() {
+    let dir = TempDir::new().unwrap();
+    let items: String = (0..100).map(|n| format!("{n}\n")).collect();
+    let input = write_input(&dir, "in.txt", items.as_bytes());
+    let output = run_under_ulimit("ulimit -n 64", &input, &["--max-run", "100", "--", "true"]);
+    let stderr = stderr_of(&output);
+
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--max-run 100 needs up to"), "{stderr}");
+    assert!(stderr.contains("limit on open files is 64"), "{stderr}");
+    assert!(stderr.contains("ulimit -n"), "{stderr}");
+    assert!(!stderr.contains("Too many open files"), "{stderr}");
+}
+
+#[test]
+fn low_soft_file_limit_is_raised() {
+    if hard_file_limit() < 1024 {
+        eprintln!("skipped: the hard limit on open files is below 1024");
+        return;
+    }
+    let dir = TempDir::new().unwrap();
+    let items: String = (0..60).map(|n| format!("{n}\n")).collect();
+    let input = write_input(&dir, "in.txt", items.as_bytes());
+    let args = ["--max-run", "60", "--", "sleep", "0.3"];
+    let output = run_under_ulimit("ulimit -S -n 64", &input, &args);
+    let stderr = stderr_of(&output);
+
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("done 60, failed 0,"), "{stderr}");
+    assert!(!stderr.contains("Too many open files"), "{stderr}");
+}
