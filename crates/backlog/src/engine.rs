@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use deferred_semaphore::{Backlog, DeferredSemaphore, Outcome, Report};
 use futures_util::Stream;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWrite;
 use tokio::sync::{Mutex, Notify};
 use tokio::time::MissedTickBehavior;
 
@@ -349,12 +349,9 @@ impl<W: AsyncWrite + Unpin, F: Write> Sinks<W, F> {
                 .context("cannot write to the results file")?;
         }
         self.progress.finished(item, result, running);
-        self.stdout
-            .write_all(&result.stdout)
-            .await
-            .context("cannot write to standard output")?;
-        self.stdout
-            .flush()
+        result
+            .stdout
+            .write_to(&mut self.stdout)
             .await
             .context("cannot write to standard output")
     }
@@ -391,7 +388,7 @@ mod tests {
         let millis: u64 = job.argv[1].parse().unwrap();
         let result = ItemResult {
             exit_code: Some(if millis == 0 { 1 } else { 0 }),
-            stdout: format!("{millis}\n").into_bytes(),
+            stdout: format!("{millis}\n").into_bytes().into(),
             ..ItemResult::default()
         };
         (Duration::from_millis(millis), result)

@@ -11,13 +11,17 @@ use anyhow::{bail, Context};
 use rlimit::Resource;
 
 /// File descriptors that one unit of `--max-run` can keep open at once on
-/// Linux with tokio 1.x: the command's stdin, stdout and stderr pipes and
-/// the pidfd that tokio waits on.
-const FILES_PER_COMMAND: u64 = 4;
+/// Linux with tokio 1.x. A running command has its stdin, stdout and stderr
+/// pipes and the pidfd that tokio waits on. Each outcome, running or
+/// waiting to be written, may also have the temporary file of an output
+/// over [`crate::capture::MEMORY_BYTES`], and there are at most twice
+/// `--max-run` of them: 4 + 2.
+const FILES_PER_COMMAND: u64 = 6;
 
 /// File descriptors the run keeps open besides its commands: standard
 /// streams, the async runtime, the input, the results file, the journal's
-/// SQLite files and the pipes of the command being spawned. A run with one
+/// SQLite files, the pipes of the command being spawned and a second handle
+/// on the temporary file of the output being written. A run with one
 /// command and no journal had 15 open (`ls /proc/PID/fd`, Linux 6.x); the
 /// rest is a margin.
 const FILES_BASE: u64 = 32;
@@ -89,7 +93,8 @@ mod tests {
         let message = too_low_message(max_run, 432, 64);
         assert!(message.starts_with("--max-run 100 needs up to 432 file descriptors"));
         assert!(message.contains("the limit on open files is 64"));
-        assert!(message.contains("use --max-run 8 or less"));
+        let fits = (64 - FILES_BASE) / FILES_PER_COMMAND;
+        assert!(message.contains(&format!("use --max-run {fits} or less")));
         assert!(message.contains("`ulimit -n 432`"));
         let none_fit = too_low_message(max_run, 432, 20);
         assert!(!none_fit.contains("use --max-run"), "{none_fit}");

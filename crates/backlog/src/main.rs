@@ -1,6 +1,7 @@
 //! `backlog`: works through a backlog of items, running a command for each
 //! with at most N at once, and reports every item's outcome.
 
+mod capture;
 mod cli;
 mod config;
 mod engine;

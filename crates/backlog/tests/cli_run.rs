@@ -763,3 +763,57 @@ fn low_soft_file_limit_is_raised() {
     assert!(stderr.contains("done 60, failed 0,"), "{stderr}");
     assert!(!stderr.contains("Too many open files"), "{stderr}");
 }
+
+/// Returns the peak resident set size of process `pid`, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find(|line| line.starts_with("VmHWM:"))
+        .unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn run_large_output_exact_and_bounded() {
+    // The first item writes about 39 MB. The second one sleeps, so that
+    // backlog is still alive to be measured once that output has arrived.
+    let script = r#"if [ "$1" = big ]; then seq 1 5000000; else sleep 2; fi"#;
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin!("backlog"))
+        .args([
+            "run",
+            "--max-run",
+            "1",
+            "-",
+            "--",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            "{}",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"big\nsleep\n").unwrap();
+    }
+    let expected: String = (1..=5_000_000).map(|n| format!("{n}\n")).collect();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut output = vec![0u8; expected.len()];
+    stdout.read_exact(&mut output).unwrap();
+    let peak_kib = peak_rss_kib(child.id());
+    let mut rest = Vec::new();
+    stdout.read_to_end(&mut rest).unwrap();
+    let status = child.wait().unwrap();
+
+    assert_eq!(status.code(), Some(0));
+    assert!(rest.is_empty(), "{} bytes too many", rest.len());
+    assert!(output == expected.as_bytes(), "the output differs");
+    // The output is 39 MB: holding it whole would exceed this bound.
+    assert!(peak_kib < 30 * 1024, "peak RSS {peak_kib} KiB");
+}
