@@ -96,7 +96,7 @@ impl CapturedOutput {
     /// # Errors
     ///
     /// Fails when writing `out` fails or the temporary file cannot be read.
-    pub fn write_blocking(&self, out: &mut impl Write) -> io::Result<()> {
+    pub fn write_blocking(&self, out: &mut (impl Write + ?Sized)) -> io::Result<()> {
         out.write_all(&self.memory)?;
         if let Some(mut spill) = self.spill.as_ref() {
             spill.seek(SeekFrom::Start(0))?;

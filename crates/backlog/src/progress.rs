@@ -159,6 +159,15 @@ impl Progress {
         self.refresh(running);
     }
 
+    /// Runs `write` with the progress bar cleared from the screen, then
+    /// draws the bar again, below what `write` printed.
+    pub fn suspend<R>(&self, write: impl FnOnce() -> R) -> R {
+        match &self.view {
+            View::Bar(bar) => bar.suspend(write),
+            View::Log(_) => write(),
+        }
+    }
+
     /// Redraws the counts, with `running` commands running now.
     pub fn refresh(&self, running: usize) {
         if let View::Bar(bar) = &self.view {
