@@ -14,6 +14,25 @@ use crate::retry::{parse_retry_delay, parse_retry_on, RetryOn};
 /// The values `--max-run` accepts.
 pub const MAX_RUN_RANGE: RangeInclusive<u64> = 1..=1_000_000;
 
+/// The end of `backlog run --help`: the exit statuses, the braces to double
+/// with --jsonl and the length limit of one argument.
+const RUN_AFTER_HELP: &str = "\
+Exit status:
+  0    every item succeeded, or was skipped as done earlier or as a duplicate key
+  1    some item failed, in this run or, with --journal, in an earlier one
+  2    invalid arguments, or the run could not go on
+  124  --deadline passed
+  130  interrupted by Ctrl-C
+  141  standard output was closed, as by `backlog run ... | head`
+  143  stopped by SIGTERM
+
+With --jsonl, every `{name}` whose name is letters, digits, `_`, `.` and `-`
+is a field placeholder, so other braces around such a word must be doubled:
+awk's `{print}` becomes `{{print}}`.
+
+Linux limits one argument to 128 KiB. For large items, let the command read
+the item from its standard input instead of passing `{}` as an argument.";
+
 /// Works through a backlog of items, running a command for each under limits.
 #[derive(Debug, Parser)]
 #[command(name = "backlog", version, about)]
@@ -36,10 +55,7 @@ pub enum Command {
     /// backlog alone. The first Ctrl-C (or SIGTERM) starts nothing new and
     /// waits for the running commands; the second sends their process
     /// groups SIGTERM, then SIGKILL after --kill-after.
-    ///
-    /// Exit status: 0 when every item succeeded, 1 when some failed, 2 on a
-    /// usage or fatal error, 124 when --deadline passed, 130 after Ctrl-C,
-    /// 141 when standard output was closed and 143 after SIGTERM.
+    #[command(after_help = RUN_AFTER_HELP)]
     Run(Box<RunArgs>),
     /// Shows the state of a journal: counts by state, failed items with
     /// their last error, and items that were running when a run died.
@@ -53,7 +69,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 8, value_parser = parse_max_run)]
     pub max_run: u64,
 
-    /// Reads each line as one JSON object instead of plain text.
+    /// Reads each line as one JSON object instead of plain text, and makes
+    /// `{name}` in COMMAND a field of the item.
     #[arg(long)]
     pub jsonl: bool,
 

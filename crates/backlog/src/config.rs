@@ -31,6 +31,9 @@ pub struct Config {
     pub template: Template,
     /// Whether to draw a progress bar, because stderr is a terminal.
     pub progress_bar: bool,
+    /// Whether to write each item's output with the progress bar cleared,
+    /// because the output would otherwise land on the bar's screen line.
+    pub clear_bar_for_output: bool,
     /// The journal of item states, if `--journal` was given.
     pub journal: Option<JournalConfig>,
     /// Retries, time limits and `--halt` for each item.
@@ -85,6 +88,7 @@ impl Config {
                 check_not_input(&args.input, option, output)?;
             }
         }
+        let progress_bar = std::io::stderr().is_terminal();
         let max_run = usize::try_from(args.max_run)
             .ok()
             .and_then(NonZeroUsize::new)
@@ -95,7 +99,11 @@ impl Config {
             max_run,
             results: args.results,
             template,
-            progress_bar: std::io::stderr().is_terminal(),
+            progress_bar,
+            clear_bar_for_output: clear_bar_for_output(
+                progress_bar,
+                std::io::stdout().is_terminal(),
+            ),
             journal: JournalConfig::from_args(args.journal, args.jsonl),
             rules: ItemRules {
                 retry: RetryPolicy {
@@ -110,6 +118,14 @@ impl Config {
             deadline: args.stop.deadline,
         })
     }
+}
+
+/// Returns whether items' output must be written with the progress bar
+/// cleared: when the bar is drawn on stderr and stdout is a terminal too.
+/// NOTE: both are assumed to be the same terminal. For another terminal,
+/// clearing the bar is only needless.
+fn clear_bar_for_output(progress_bar: bool, stdout_is_terminal: bool) -> bool {
+    progress_bar && stdout_is_terminal
 }
 
 /// Checks that `program` names an executable file, either as a path or
@@ -151,4 +167,19 @@ fn check_not_input(input: &Path, option: &str, output: &Path) -> anyhow::Result<
 fn is_executable(path: &Path) -> bool {
     path.metadata()
         .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bar_cleared_only_on_shared_terminal() {
+        assert!(clear_bar_for_output(true, true));
+        // Output to a pipe or file cannot disturb the bar's line.
+        assert!(!clear_bar_for_output(true, false));
+        // Without a bar there is nothing to clear.
+        assert!(!clear_bar_for_output(false, true));
+        assert!(!clear_bar_for_output(false, false));
+    }
 }

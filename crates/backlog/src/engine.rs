@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use deferred_semaphore::{Backlog, DeferredSemaphore, Outcome, OwnedPermit, Report, StopReason};
 use futures_util::{Stream, StreamExt};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWrite;
 use tokio::sync::{Mutex, Notify};
 use tokio::time::MissedTickBehavior;
 
@@ -37,11 +37,18 @@ const REFRESH_INTERVAL: Duration = Duration::from_millis(100);
 pub struct Sinks<W, F: Write> {
     /// Receives each command's standard output, one item at a time.
     pub stdout: W,
+    /// Receives the standard output instead of `stdout`, with blocking
+    /// writes while the progress bar is cleared, when both are on one
+    /// terminal.
+    pub terminal_stdout: Option<TerminalStdout>,
     /// Receives one JSON line per item, if a results file was requested.
     pub results: Option<ResultsWriter<F>>,
     /// Shows progress and gathers the summary.
     pub progress: Progress,
 }
+
+/// Standard output on a terminal, written with blocking calls.
+pub struct TerminalStdout(pub Box<dyn Write + Send>);
 
 /// An item together with what running it produced: the last attempt's
 /// result and the item's outcome.
@@ -99,8 +106,15 @@ pub async fn run(config: &Config) -> anyhow::Result<Summary> {
     let (items, read_failure) = source::items(reader, config.format);
     let mut items = pin!(items);
     let stdout = tokio::io::stdout();
+    // The bar can be cleared only around a blocking write. Such a write
+    // stalls the runtime, and so the reading of other commands' output,
+    // while the terminal is paused (Ctrl-S) or shows a large output.
+    let terminal_stdout = config
+        .clear_bar_for_output
+        .then(|| TerminalStdout(Box::new(std::io::stdout())));
     let mut sinks = Sinks {
         stdout,
+        terminal_stdout,
         results,
         progress,
     };
@@ -464,6 +478,12 @@ where
     Ok(count)
 }
 
+impl std::fmt::Debug for TerminalStdout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TerminalStdout")
+    }
+}
+
 impl Finished {
     fn new(item: Item, result: ItemResult, outcome: ItemOutcome, journal: Journaled) -> Self {
         Finished {
@@ -530,14 +550,15 @@ impl<W: AsyncWrite + Unpin, F: Write> Sinks<W, F> {
                 .context("cannot write to the results file")?;
         }
         self.progress.finished(item, result, outcome, running);
-        self.stdout
-            .write_all(&result.stdout)
-            .await
-            .context("cannot write to standard output")?;
-        self.stdout
-            .flush()
-            .await
-            .context("cannot write to standard output")
+        let written = match &mut self.terminal_stdout {
+            Some(terminal) => {
+                let output = &result.stdout;
+                self.progress
+                    .suspend(|| output.write_blocking(&mut *terminal.0))
+            }
+            None => result.stdout.write_to(&mut self.stdout).await,
+        };
+        written.context("cannot write to standard output")
     }
 }
 
@@ -587,9 +608,51 @@ mod tests {
     fn sinks() -> Sinks<Vec<u8>, Vec<u8>> {
         Sinks {
             stdout: Vec::new(),
+            terminal_stdout: None,
             results: Some(ResultsWriter::new(Vec::new())),
             progress: Progress::log(Box::new(sink())),
         }
+    }
+
+    /// A terminal stand-in whose bytes the test can read afterwards.
+    #[derive(Clone, Default)]
+    struct SharedScreen(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl Write for SharedScreen {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn process_writes_terminal_output_blocking() {
+        let template = Template::parse(&["sleep".to_owned(), "{}".to_owned()], false);
+        let runner = MockRunner::new(sleep_and_echo);
+        let max_run = NonZeroUsize::new(3).unwrap();
+        let items = stream::iter(text_items(&["30", "10", "20"]));
+        let screen = SharedScreen::default();
+        let mut sinks = sinks();
+        sinks.terminal_stdout = Some(TerminalStdout(Box::new(screen.clone())));
+        process(
+            &template,
+            max_run,
+            &rules(),
+            &Stop::default(),
+            &runner,
+            items,
+            &mut sinks,
+            None,
+        )
+        .await
+        .unwrap();
+
+        assert!(sinks.stdout.is_empty());
+        assert_eq!(*screen.0.lock().unwrap(), b"10\n20\n30\n");
     }
 
     /// Replies after a delay of `argv[1]` milliseconds, echoing the argument.
@@ -597,7 +660,7 @@ mod tests {
         let millis: u64 = job.argv[1].parse().unwrap();
         let result = ItemResult {
             exit_code: Some(if millis == 0 { 1 } else { 0 }),
-            stdout: format!("{millis}\n").into_bytes(),
+            stdout: format!("{millis}\n").into_bytes().into(),
             ..ItemResult::default()
         };
         (Duration::from_millis(millis), result)
@@ -721,7 +784,7 @@ mod tests {
             };
             let result = ItemResult {
                 exit_code: Some(code),
-                stdout: format!("{}\n", job.argv[1]).into_bytes(),
+                stdout: format!("{}\n", job.argv[1]).into_bytes().into(),
                 ..ItemResult::default()
             };
             (Duration::from_millis(100), result)

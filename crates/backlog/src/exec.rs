@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin, Command};
 
+use crate::capture::{self, CapturedOutput};
 use crate::duration::format_duration;
 use crate::group::{collect_or_terminate, Termination};
 
@@ -32,7 +33,7 @@ pub struct Job {
 }
 
 /// The outcome of running one item's command.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Default)]
 pub struct ItemResult {
     /// The exit code, or `None` when no process ran or a signal ended it.
     pub exit_code: Option<i32>,
@@ -44,7 +45,7 @@ pub struct ItemResult {
     /// The last lines of the command's standard error.
     pub stderr_tail: Vec<String>,
     /// Everything the command wrote to its standard output.
-    pub stdout: Vec<u8>,
+    pub stdout: CapturedOutput,
     /// The reason the item failed without an exit status, for example
     /// because the command could not start.
     pub error: Option<String>,
@@ -216,7 +217,7 @@ async fn collect(child: &mut Child, input: Vec<u8>, running: GaugeGuard<'_>) -> 
     let (status, written, stdout, stderr_tail) = tokio::join!(
         wait,
         write_stdin(stdin, input),
-        read_all(stdout),
+        read_stdout(stdout),
         read_tail(stderr),
     );
     match assemble(status, written, stdout, stderr_tail) {
@@ -228,7 +229,7 @@ async fn collect(child: &mut Child, input: Vec<u8>, running: GaugeGuard<'_>) -> 
 fn assemble(
     status: io::Result<ExitStatus>,
     written: io::Result<()>,
-    stdout: io::Result<Vec<u8>>,
+    stdout: io::Result<CapturedOutput>,
     stderr_tail: io::Result<Vec<String>>,
 ) -> io::Result<ItemResult> {
     let status = status?;
@@ -254,12 +255,13 @@ async fn write_stdin(stdin: Option<ChildStdin>, input: Vec<u8>) -> io::Result<()
     }
 }
 
-async fn read_all(pipe: Option<impl AsyncRead + Unpin>) -> io::Result<Vec<u8>> {
-    let mut bytes = Vec::new();
-    if let Some(mut pipe) = pipe {
-        pipe.read_to_end(&mut bytes).await?;
+/// Reads the command's stdout to its end, in memory up to a bound and in a
+/// temporary file beyond it.
+async fn read_stdout(pipe: Option<impl AsyncRead + Unpin>) -> io::Result<CapturedOutput> {
+    match pipe {
+        Some(pipe) => CapturedOutput::read_from(pipe, capture::MEMORY_BYTES).await,
+        None => Ok(CapturedOutput::default()),
     }
-    Ok(bytes)
 }
 
 /// Reads a pipe to its end, keeping only the last lines.
@@ -381,7 +383,9 @@ mod tests {
             stdin: b"hello\n".to_vec(),
         };
         let result = runner.run(job, std::future::pending()).await;
-        assert_eq!(result.stdout, b"hello\n");
+        let mut stdout = Vec::new();
+        result.stdout.write_blocking(&mut stdout).unwrap();
+        assert_eq!(stdout, b"hello\n");
         assert_eq!(result.stderr_tail, ["err"]);
         assert_eq!(result.exit_code, Some(3));
         assert_eq!(runner.gauge().max(), 1);

@@ -1,11 +1,13 @@
 //! `backlog`: works through a backlog of items, running a command for each
 //! with at most N at once, and reports every item's outcome.
 
+mod capture;
 mod cli;
 mod config;
 mod duration;
 mod engine;
 mod exec;
+mod file_limit;
 mod group;
 mod halt;
 mod journal;
@@ -19,10 +21,11 @@ mod status;
 mod stop;
 mod template;
 
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
 use std::process::ExitCode;
 
 use anyhow::Context;
+use clap::error::ErrorKind;
 use clap::Parser;
 
 use crate::cli::{Cli, Command};
@@ -72,11 +75,12 @@ fn main() -> ExitCode {
 
 /// Parses the arguments and runs the subcommand.
 fn run() -> anyhow::Result<ExitCode> {
-    let args = match Cli::parse().command {
+    let args = match parse_args().command {
         Command::Run(args) => *args,
         Command::Status(args) => return status::run(&args).map(|()| ExitCode::SUCCESS),
     };
     let config = Config::from_args(args)?;
+    file_limit::ensure_room_for(config.max_run)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -95,6 +99,43 @@ fn run() -> anyhow::Result<ExitCode> {
         None => Status::ItemsFailed,
     };
     Ok(ExitCode::from(status as u8))
+}
+
+/// Parses the arguments, or prints clap's error or help and exits. An
+/// unexpected argument on a command line without `--` is most often the
+/// command itself, so its error gets a hint.
+fn parse_args() -> Cli {
+    let error = match Cli::try_parse() {
+        Ok(cli) => return cli,
+        Err(error) => error,
+    };
+    let has_separator = std::env::args_os().skip(1).any(|arg| arg == "--");
+    if error.kind() != ErrorKind::UnknownArgument || has_separator {
+        error.exit();
+    }
+    let rendered = if io::stderr().is_terminal() {
+        error.render().ansi().to_string()
+    } else {
+        error.render().to_string()
+    };
+    let _ = write!(io::stderr(), "{}", with_separator_hint(&rendered));
+    std::process::exit(error.exit_code());
+}
+
+/// Inserts the hint to put `--` before the command into clap's rendered
+/// error, above its usage line, or at the end if there is none.
+fn with_separator_hint(rendered: &str) -> String {
+    const HINT: &str =
+        "  hint: put `--` before the command, as in: backlog run INPUT -- COMMAND ARGS\n\n";
+    let usage_line = rendered.find("Usage:").map(|usage| {
+        rendered[..usage]
+            .rfind('\n')
+            .map_or(0, |newline| newline + 1)
+    });
+    match usage_line {
+        Some(start) => format!("{}{HINT}{}", &rendered[..start], &rendered[start..]),
+        None => format!("{rendered}\n{HINT}"),
+    }
 }
 
 /// Returns whether the error comes from writing to a closed pipe, which

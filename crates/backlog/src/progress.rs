@@ -1,7 +1,7 @@
 //! The progress display on stderr while the backlog runs, and the summary
 //! at the end.
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::io::Write;
 use std::time::Duration;
 
@@ -19,6 +19,11 @@ use crate::stop::StopCause;
 
 /// How many failed items the summary lists.
 const SUMMARY_FAILURES: usize = 10;
+
+/// The maximum length in bytes of a failure reason or a stderr line as the
+/// log, the summary and `backlog status` show it, before the note of the
+/// bytes left out.
+pub const MAX_SHOWN_BYTES: usize = 300;
 
 /// Shows progress as a bar on a terminal, or as one log line per item.
 #[derive(Debug)]
@@ -150,6 +155,7 @@ impl Progress {
             }
             Skip::Failed { error } => {
                 summary.skipped_failed += 1;
+                let error = printable(error, MAX_SHOWN_BYTES);
                 let reason = format!("failed in an earlier run: {error}");
                 if summary.failures.len() < SUMMARY_FAILURES {
                     let (line, reason) = (item.line, reason.clone());
@@ -186,12 +192,22 @@ impl Progress {
             delay,
         } = notice;
         let delay = format_duration(*delay);
+        let failure = printable(failure, MAX_SHOWN_BYTES);
         let text = format!(
             "{elapsed:>6.2}s  retry  #{index} line {line}: {failure}; attempt {attempt} of {max_attempts} in {delay}"
         );
         match &mut self.view {
             View::Bar(bar) => bar.println(text),
             View::Log(out) => drop(writeln!(out, "{text}")),
+        }
+    }
+
+    /// Runs `write` with the progress bar cleared from the screen, then
+    /// draws the bar again, below what `write` printed.
+    pub fn suspend<R>(&self, write: impl FnOnce() -> R) -> R {
+        match &self.view {
+            View::Bar(bar) => bar.suspend(write),
+            View::Log(_) => write(),
         }
     }
 
@@ -276,9 +292,10 @@ impl Progress {
 
 /// Returns why an item failed, followed by the last line its command wrote
 /// to stderr and the number of attempts when there were several, or `None`
-/// when it succeeded.
+/// when it succeeded. Both parts are made [`printable`], because they go to
+/// a terminal or a log.
 fn describe_failure(result: &ItemResult, outcome: &ItemOutcome) -> Option<String> {
-    let reason = outcome.reason()?;
+    let reason = printable(&outcome.reason()?, MAX_SHOWN_BYTES);
     let attempts = outcome.attempts();
     let reason = if attempts > 1 {
         format!("{reason} (after {attempts} attempts)")
@@ -291,9 +308,43 @@ fn describe_failure(result: &ItemResult, outcome: &ItemOutcome) -> Option<String
         .rev()
         .find(|l| !l.trim().is_empty());
     match last_stderr {
-        Some(line) => Some(format!("{reason}: {line}")),
+        Some(line) => Some(format!("{reason}: {}", printable(line, MAX_SHOWN_BYTES))),
         None => Some(reason),
     }
+}
+
+/// Escapes `text` for a terminal and cuts it to at most `max_bytes` bytes,
+/// followed by `…(N more bytes)` when bytes of `text` are left out.
+///
+/// Control characters other than tab, which could move the cursor, clear
+/// the screen or retitle the window, become `\x1b` (C0 and DEL) or `\u{9b}`
+/// (C1). So do the bidirectional formatting characters, which can make a
+/// line show in another order than its bytes.
+pub fn printable(text: &str, max_bytes: usize) -> String {
+    let mut shown = String::new();
+    for (offset, c) in text.char_indices() {
+        let before = shown.len();
+        if c == '\t' || !(c.is_control() || is_bidi_control(c)) {
+            shown.push(c);
+        } else if c.is_ascii() {
+            let _ = write!(shown, "\\x{:02x}", u32::from(c));
+        } else {
+            let _ = write!(shown, "\\u{{{:x}}}", u32::from(c));
+        }
+        if shown.len() > max_bytes {
+            shown.truncate(before);
+            let left_out = text.len() - offset;
+            let _ = write!(shown, "…({left_out} more bytes)");
+            break;
+        }
+    }
+    shown
+}
+
+/// Returns whether `c` is one of the Unicode bidirectional formatting
+/// characters (embeddings, overrides and isolates).
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 impl fmt::Display for Summary {
@@ -459,6 +510,76 @@ mod tests {
         );
         assert!(text.contains("\n  line 2: exit status 1: last"), "{text}");
         assert!(text.contains("\n  line 3: invalid JSON"), "{text}");
+    }
+
+    /// A log destination whose bytes the test can read afterwards.
+    #[derive(Clone, Default)]
+    struct SharedLog(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl Write for SharedLog {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Fails one item whose command wrote `stderr`, and returns the log and
+    /// the summary as printed.
+    fn fail_with_stderr(stderr: &str) -> (String, String) {
+        let log = SharedLog::default();
+        let mut progress = Progress::log(Box::new(log.clone()));
+        let failed = ItemResult {
+            exit_code: Some(1),
+            stderr_tail: vec![stderr.to_owned()],
+            ..ItemResult::default()
+        };
+        let outcome = ItemOutcome::Failed {
+            attempts: 1,
+            last_error: failed.failure_reason().unwrap(),
+        };
+        progress.finished(
+            &item(0, ItemKind::Text("a".to_owned())),
+            &failed,
+            &outcome,
+            0,
+        );
+        let summary = progress.finish(1).to_string();
+        let log = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        (log, summary)
+    }
+
+    #[test]
+    fn failure_escapes_control_characters() {
+        let (log, summary) = fail_with_stderr("\x1b[2J\x1b]0;title\x07bad\tthing\r\u{9b}\u{202e}");
+        let expected = r"exit status 1: \x1b[2J\x1b]0;title\x07bad	thing\x0d\u{9b}\u{202e}";
+        assert!(log.contains(expected), "{log}");
+        assert!(summary.contains(expected), "{summary}");
+        assert!(!log.contains('\x1b'), "{log:?}");
+        assert!(!summary.contains('\x1b'), "{summary:?}");
+    }
+
+    #[test]
+    fn failure_caps_long_stderr_line() {
+        let (log, summary) = fail_with_stderr(&"é".repeat(32 * 1024));
+        let line = log.lines().next().unwrap();
+        assert!(line.len() < 2 * MAX_SHOWN_BYTES, "{} bytes", line.len());
+        let shown = line.matches('é').count();
+        let more = format!("…({} more bytes)", 64 * 1024 - 2 * shown);
+        assert!(line.ends_with(&more), "{line}");
+        assert!(summary.lines().all(|l| l.len() < 2 * MAX_SHOWN_BYTES));
+        assert!(summary.contains(&more), "{summary}");
+    }
+
+    #[test]
+    fn printable_keeps_short_text() {
+        assert_eq!(printable("plain text", 300), "plain text");
+        assert_eq!(printable("abcdef", 3), "abc…(3 more bytes)");
+        assert_eq!(printable("ab\x1b", 3), "ab…(1 more bytes)");
+        assert_eq!(printable("", 3), "");
     }
 
     #[test]

@@ -22,6 +22,10 @@ const OVER_LONG_PREFIX_BYTES: usize = 256;
 /// The buffer size for reading input, in bytes.
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 
+/// The UTF-8 byte order mark, which some editors write at the start of a
+/// file and which is skipped there.
+const BYTE_ORDER_MARK: &[u8] = b"\xef\xbb\xbf";
+
 /// The format that turns lines of input into items.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -156,7 +160,11 @@ impl<R: AsyncBufRead + Unpin> LineReader<R> {
 
     /// Reads one line, keeping at most one byte over the limit so that a
     /// `\r` before the `\n` can still be stripped from a line at the limit.
+    /// The first line may also start with a byte order mark, which is
+    /// dropped and does not count towards the limit.
     async fn next_line(&mut self) -> io::Result<Option<RawLine>> {
+        let first = self.lines_read == 0;
+        let max_kept = MAX_LINE_BYTES + 1 + if first { BYTE_ORDER_MARK.len() } else { 0 };
         let mut bytes = Vec::new();
         let mut too_long = false;
         let mut read_any = false;
@@ -170,7 +178,7 @@ impl<R: AsyncBufRead + Unpin> LineReader<R> {
             let end = buffer.iter().position(|&b| b == b'\n');
             newline = end.is_some();
             let chunk = &buffer[..end.unwrap_or(buffer.len())];
-            let room = (MAX_LINE_BYTES + 1).saturating_sub(bytes.len());
+            let room = max_kept.saturating_sub(bytes.len());
             too_long |= chunk.len() > room;
             bytes.extend_from_slice(&chunk[..chunk.len().min(room)]);
             let consumed = chunk.len() + usize::from(newline);
@@ -180,7 +188,12 @@ impl<R: AsyncBufRead + Unpin> LineReader<R> {
             return Ok(None);
         }
         self.lines_read += 1;
-        if newline && !too_long && bytes.last() == Some(&b'\r') {
+        if first && bytes.starts_with(BYTE_ORDER_MARK) {
+            bytes.drain(..BYTE_ORDER_MARK.len());
+        }
+        // A cut line's last byte is not its end, so only a whole line, the
+        // last one without a newline included, loses its `\r`.
+        if !too_long && bytes.last() == Some(&b'\r') {
             bytes.pop();
         }
         too_long |= bytes.len() > MAX_LINE_BYTES;
@@ -286,6 +299,32 @@ mod tests {
         let items = read_all(b"  x y \na\rb\n", Format::Lines).await;
         assert_eq!(items[0].kind, text("  x y "));
         assert_eq!(items[1].kind, text("a\rb"));
+    }
+
+    #[tokio::test]
+    async fn read_strips_cr_of_last_line() {
+        let items = read_all(b"a\r\nb\r", Format::Lines).await;
+        assert_eq!(items.len(), 2);
+        assert_eq!(items[0].kind, text("a"));
+        assert_eq!(items[1].kind, text("b"));
+    }
+
+    #[tokio::test]
+    async fn read_skips_byte_order_mark() {
+        let items = read_all(b"\xef\xbb\xbfa\n\xef\xbb\xbfb\n", Format::Lines).await;
+        assert_eq!(items[0].kind, text("a"));
+        // Only a mark at the start of the input is skipped.
+        assert_eq!(items[1].kind, text("\u{feff}b"));
+        let json = read_all(b"\xef\xbb\xbf{\"a\":1}\n", Format::JsonLines).await;
+        assert_eq!(json[0].kind, ItemKind::Json(json!({"a": 1})));
+    }
+
+    #[tokio::test]
+    async fn read_line_at_limit_after_byte_order_mark() {
+        let mut input = b"\xef\xbb\xbf".to_vec();
+        input.extend(vec![b'x'; MAX_LINE_BYTES]);
+        let items = read_all(&input, Format::Lines).await;
+        assert!(matches!(&items[0].kind, ItemKind::Text(t) if t.len() == MAX_LINE_BYTES));
     }
 
     #[tokio::test]

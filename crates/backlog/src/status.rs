@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::cli::StatusArgs;
 use crate::journal::store::{self, RunRecord};
 use crate::journal::{Access, JournalError, Liveness};
+use crate::progress::{printable, MAX_SHOWN_BYTES};
 
 /// How many items of each list the text output shows.
 const TEXT_LIST_ITEMS: usize = 20;
@@ -239,12 +240,14 @@ impl fmt::Display for RunView {
 }
 
 impl ItemView {
-    /// Returns the last error followed by the last line of standard error.
+    /// Returns the last error followed by the last line of standard error,
+    /// escaped and cut for a terminal.
     fn failure(&self) -> String {
-        let mut text = self.error.clone().unwrap_or_else(|| "failed".to_owned());
+        let error = self.error.as_deref().unwrap_or("failed");
+        let mut text = printable(error, MAX_SHOWN_BYTES);
         let last_stderr = self.stderr_tail.iter().rev().find(|l| !l.trim().is_empty());
         if let Some(line) = last_stderr {
-            let _ = write!(text, ": {line}");
+            let _ = write!(text, ": {}", printable(line, MAX_SHOWN_BYTES));
         }
         text
     }
@@ -276,7 +279,11 @@ fn fmt_items(
             item.attempts,
             describe(item)
         )?;
-        writeln!(f, "    item {}  key {}", item.item, item.short_key())?;
+        // The journal keeps at most 1 KiB of an item, and keys are cut
+        // already, so both need only escaping.
+        let text = printable(&item.item, usize::MAX);
+        let key = printable(&item.short_key(), usize::MAX);
+        writeln!(f, "    item {text}  key {key}")?;
     }
     if items.len() > TEXT_LIST_ITEMS {
         writeln!(

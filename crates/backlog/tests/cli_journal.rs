@@ -471,3 +471,30 @@ fn journal_write_failure_stops_run_cleanly() {
     // Only items the journal did not record as done ran again.
     assert!(ledger(dir.path()).len() <= 300 + (ran_before.len() - done));
 }
+
+#[test]
+fn status_escapes_control_characters() {
+    let dir = TempDir::new().unwrap();
+    std::fs::write(dir.path().join("in.txt"), "a\u{1b}[2J\n").unwrap();
+    let script = r#"printf '\033]0;title\007\n' >&2; exit 3"#;
+    let run = backlog(dir.path())
+        .args(["run", "in.txt", "--journal", "journal.db"])
+        .args(["--", "sh", "-c", script, "sh", "{}"])
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(1), "{}", stderr_of(&run));
+
+    let output = backlog(dir.path())
+        .args(["status", "--journal", "journal.db"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", stderr_of(&output));
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(!stdout.contains('\x1b'), "{stdout:?}");
+    assert!(!stdout.contains('\x07'), "{stdout:?}");
+    assert!(
+        stdout.contains(r"exit status 3: \x1b]0;title\x07"),
+        "{stdout}"
+    );
+    assert!(stdout.contains(r"item a\x1b[2J"), "{stdout}");
+}

@@ -587,3 +587,233 @@ fn run_closed_stderr_still_succeeds() {
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+#[test]
+fn run_escapes_stderr_in_log_only() {
+    let dir = TempDir::new().unwrap();
+    let input = write_input(&dir, "in.txt", b"escape\nlong\n");
+    let results = dir.path().join("results.jsonl");
+    let script = r#"
+        if [ "$1" = escape ]; then printf '\033[31mred\n' >&2
+        else head -c 70000 /dev/zero | tr '\0' x >&2
+        fi
+        exit 1"#;
+    let output = backlog()
+        .args(["run", &input, "--results", results.to_str().unwrap()])
+        .args(["--", "sh", "-c", script, "sh", "{}"])
+        .output()
+        .unwrap();
+    let stderr = stderr_of(&output);
+    // Without the cap, stderr contains a 64 KiB line, so show only its start.
+    let start: String = stderr.chars().take(1000).collect();
+
+    assert_eq!(output.status.code(), Some(1), "{start}");
+    assert!(!stderr.contains('\x1b'), "{start:?}");
+    assert!(stderr.contains(r"exit status 1: \x1b[31mred"), "{start}");
+    assert!(stderr.contains("…(65"), "{start}");
+    assert!(stderr.lines().all(|line| line.len() < 1000), "{start}");
+    let records = results_by_index(&results);
+    assert_eq!(records[0]["stderr_tail"], json!(["\x1b[31mred"]));
+    let long = records[1]["stderr_tail"][0].as_str().unwrap();
+    assert_eq!(long.len(), 64 * 1024);
+}
+
+#[test]
+fn results_file_keeps_records_whole() {
+    // Two runs append records of about 60 KB to one results file at once.
+    // A record written in several pieces would interleave with the other
+    // run's records and leave lines that are not JSON.
+    let dir = TempDir::new().unwrap();
+    let items: String = (0..100)
+        .map(|n| format!("{n}-{}\n", "x".repeat(60_000)))
+        .collect();
+    let input = write_input(&dir, "in.txt", items.as_bytes());
+    let results = dir.path().join("results.jsonl");
+    let start_run = || {
+        std::process::Command::new(assert_cmd::cargo::cargo_bin!("backlog"))
+            .args(["run", "--max-run", "4", "--results"])
+            .arg(&results)
+            .args([&input, "--", "true"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut runs = [start_run(), start_run()];
+    for run in &mut runs {
+        assert_eq!(run.wait().unwrap().code(), Some(0));
+    }
+
+    let text = std::fs::read_to_string(&results).unwrap();
+    let mut lines = 0;
+    for (number, line) in text.lines().enumerate() {
+        let record: Result<Value, _> = serde_json::from_str(line);
+        assert!(record.is_ok(), "line {} is not JSON", number + 1);
+        lines += 1;
+    }
+    assert_eq!(lines, 200);
+}
+
+#[test]
+fn results_file_after_torn_record() {
+    // A run killed during a write can leave part of a record at the end.
+    let dir = TempDir::new().unwrap();
+    let input = write_input(&dir, "in.txt", b"a\n");
+    let results = dir.path().join("results.jsonl");
+    std::fs::write(&results, "{\"index\":0,\"line\":1,\"it").unwrap();
+    backlog()
+        .args(["run", &input, "--results", results.to_str().unwrap()])
+        .args(["--", "true"])
+        .assert()
+        .code(0);
+
+    let text = std::fs::read_to_string(&results).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert_eq!(lines[0], "{\"index\":0,\"line\":1,\"it");
+    let record: Value = serde_json::from_str(lines[1]).unwrap();
+    assert_eq!(record["item"], json!("a"));
+}
+
+#[test]
+fn run_help_lists_exit_statuses() {
+    let output = backlog().args(["run", "--help"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let help = String::from_utf8(output.stdout).unwrap();
+    for status in ["0", "1", "2", "130", "141"] {
+        let pattern = format!(r"(?m)^  {status} +\S");
+        let listed = predicate::str::is_match(pattern).unwrap();
+        assert!(listed.eval(&help), "status {status} missing:\n{help}");
+    }
+    assert!(help.contains("`{{print}}`"), "{help}");
+    assert!(help.contains("128 KiB"), "{help}");
+}
+
+#[test]
+fn command_without_separator_gets_hint() {
+    let hint = "hint: put `--` before the command, as in: backlog run INPUT -- COMMAND ARGS";
+    backlog()
+        .args(["run", "in.txt", "echo", "hi"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("unexpected argument 'echo'"))
+        .stderr(predicate::str::contains(hint));
+    // With `--` present, the mistake is elsewhere and the hint would mislead.
+    backlog()
+        .args(["run", "--bogus", "in.txt", "--", "true"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("unexpected argument '--bogus'"))
+        .stderr(predicate::str::contains("hint:").not());
+}
+
+/// Runs `backlog run INPUT ARGS...` through `sh -c` after the shell command
+/// `ulimit`, which sets the file descriptor limit that backlog inherits.
+fn run_under_ulimit(ulimit: &str, input: &str, args: &[&str]) -> std::process::Output {
+    let script = format!(r#"{ulimit} || exit 99; exec "$0" run "$@""#);
+    std::process::Command::new("sh")
+        .args(["-c", &script])
+        .arg(assert_cmd::cargo::cargo_bin!("backlog"))
+        .arg(input)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Returns the hard limit on open files of this process.
+fn hard_file_limit() -> u64 {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let line = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .unwrap();
+    let hard = line.split_whitespace().nth(4).unwrap();
+    hard.parse().unwrap_or(u64::MAX)
+}
+
+#[test]
+fn file_limit_too_low_is_rejected() {
+    let dir = TempDir::new().unwrap();
+    let items: String = (0..100).map(|n| format!("{n}\n")).collect();
+    let input = write_input(&dir, "in.txt", items.as_bytes());
+    let output = run_under_ulimit("ulimit -n 64", &input, &["--max-run", "100", "--", "true"]);
+    let stderr = stderr_of(&output);
+
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--max-run 100 needs up to"), "{stderr}");
+    assert!(stderr.contains("limit on open files is 64"), "{stderr}");
+    assert!(stderr.contains("ulimit -n"), "{stderr}");
+    assert!(!stderr.contains("Too many open files"), "{stderr}");
+}
+
+#[test]
+fn low_soft_file_limit_is_raised() {
+    if hard_file_limit() < 1024 {
+        eprintln!("skipped: the hard limit on open files is below 1024");
+        return;
+    }
+    let dir = TempDir::new().unwrap();
+    let items: String = (0..60).map(|n| format!("{n}\n")).collect();
+    let input = write_input(&dir, "in.txt", items.as_bytes());
+    let args = ["--max-run", "60", "--", "sleep", "0.3"];
+    let output = run_under_ulimit("ulimit -S -n 64", &input, &args);
+    let stderr = stderr_of(&output);
+
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("done 60, failed 0,"), "{stderr}");
+    assert!(!stderr.contains("Too many open files"), "{stderr}");
+}
+
+/// Returns the peak resident set size of process `pid`, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find(|line| line.starts_with("VmHWM:"))
+        .unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn run_large_output_exact_and_bounded() {
+    // The first item writes about 39 MB. The second one sleeps, so that
+    // backlog is still alive to be measured once that output has arrived.
+    let script = r#"if [ "$1" = big ]; then seq 1 5000000; else sleep 2; fi"#;
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin!("backlog"))
+        .args([
+            "run",
+            "--max-run",
+            "1",
+            "-",
+            "--",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            "{}",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"big\nsleep\n").unwrap();
+    }
+    let expected: String = (1..=5_000_000).map(|n| format!("{n}\n")).collect();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut output = vec![0u8; expected.len()];
+    stdout.read_exact(&mut output).unwrap();
+    let peak_kib = peak_rss_kib(child.id());
+    let mut rest = Vec::new();
+    stdout.read_to_end(&mut rest).unwrap();
+    let status = child.wait().unwrap();
+
+    assert_eq!(status.code(), Some(0));
+    assert!(rest.is_empty(), "{} bytes too many", rest.len());
+    assert!(output == expected.as_bytes(), "the output differs");
+    // The output is 39 MB: holding it whole would exceed this bound.
+    assert!(peak_kib < 30 * 1024, "peak RSS {peak_kib} KiB");
+}
