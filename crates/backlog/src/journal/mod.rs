@@ -423,7 +423,8 @@ fn writer_stopped() -> JournalError {
 /// Requests that queued while the last batch was being committed make up
 /// the next batch, so one commit (one fsync) serves many items when many
 /// finish at once. Replies go out only after the commit, so no command
-/// starts before its `running` mark is on disk.
+/// starts before its `running` mark is committed. Only a batch that ends an
+/// item waits for an fsync (see `Store::apply`).
 fn serve(mut store: Store, requests: &mpsc::Receiver<Request>) {
     while let Ok(first) = requests.recv() {
         let mut ops = Vec::new();

@@ -363,8 +363,9 @@ impl Store {
                 path.display()
             )));
         }
-        // FULL makes each commit durable across a power loss, so a
-        // rebooted machine never reruns an item recorded as done.
+        // FULL makes a commit durable across a power loss, so a rebooted
+        // machine never reruns an item recorded as done. `apply` lowers it
+        // to NORMAL for batches that end no item.
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(open_error)?;
 
@@ -416,6 +417,21 @@ impl Store {
     pub fn apply(&mut self, ops: &[Op]) -> Result<Vec<Reply>, JournalError> {
         let (run, retry_failed) = (self.run, self.retry_failed);
         let write_error = |e: rusqlite::Error| JournalError::sqlite(&self.path, Access::Write, &e);
+        // Only a final state must survive a power loss: a lost `running`
+        // mark leaves the item pending, and a pending item runs again just
+        // as a running one does. So only a batch that ends an item pays for
+        // an fsync, and that fsync also makes the batches before it durable,
+        // because the write-ahead log is written in order.
+        let ends_an_item = ops.iter().any(|op| {
+            matches!(
+                op,
+                Op::FinishAttempt(_, AttemptEnd::Succeeded(_) | AttemptEnd::Failed(_))
+            )
+        });
+        let synchronous = if ends_an_item { "FULL" } else { "NORMAL" };
+        self.conn
+            .pragma_update(None, "synchronous", synchronous)
+            .map_err(write_error)?;
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
