@@ -45,6 +45,18 @@ pub trait Limiter {
     /// permit.
     fn acquire(&self) -> Self::Acquire;
 
+    /// Takes a permit at once if one is free, without waiting.
+    ///
+    /// Backlog processing tries this before [`acquire`](Limiter::acquire), so
+    /// that an uncontended permit costs no acquire future. The default
+    /// returns `None`, which sends every request through `acquire`.
+    ///
+    /// Implementations must not take a permit ahead of a queued `acquire`,
+    /// or the order in which `acquire` serves waiters would no longer hold.
+    fn try_acquire(&self) -> Option<Self::Permit> {
+        None
+    }
+
     /// Returns the most units of work the limiter lets run at once now.
     ///
     /// Backlog processing sizes its buffers from it, so memory follows the
@@ -61,6 +73,10 @@ impl Limiter for DeferredSemaphore {
         self.acquire_owned()
     }
 
+    fn try_acquire(&self) -> Option<OwnedPermit> {
+        self.try_acquire_owned().ok()
+    }
+
     fn limit(&self) -> usize {
         DeferredSemaphore::limit(self)
     }
@@ -75,6 +91,10 @@ impl<L: Limiter + ?Sized> Limiter for &L {
         (**self).acquire()
     }
 
+    fn try_acquire(&self) -> Option<L::Permit> {
+        (**self).try_acquire()
+    }
+
     fn limit(&self) -> usize {
         (**self).limit()
     }
@@ -87,6 +107,10 @@ impl<L: Limiter + ?Sized> Limiter for std::sync::Arc<L> {
 
     fn acquire(&self) -> L::Acquire {
         (**self).acquire()
+    }
+
+    fn try_acquire(&self) -> Option<L::Permit> {
+        (**self).try_acquire()
     }
 
     fn limit(&self) -> usize {

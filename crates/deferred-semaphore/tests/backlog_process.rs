@@ -1,14 +1,17 @@
 //! Backlog processing: lazy pulls, bounded memory, slow consumers, ordering
 //! and the failure policy.
 
-use std::cell::Cell;
-use std::num::NonZeroU64;
+use std::cell::{Cell, RefCell};
+use std::num::{NonZeroU64, NonZeroUsize};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use deferred_semaphore::{Backlog, DeferredSemaphore, FailurePolicy, StopReason, Threshold};
+use deferred_semaphore::{
+    AcquireError, AcquireOwned, Backlog, DeferredSemaphore, FailurePolicy, Limiter, OwnedPermit,
+    StopReason, Threshold,
+};
 use futures::{future, StreamExt};
 use tokio::time::Instant;
 
@@ -316,4 +319,83 @@ async fn backlog_on_two_workers_stays_under_the_limit() {
     assert_eq!(report.succeeded, 20_000);
     assert!(peak.load(Ordering::SeqCst) <= 8);
     assert_eq!(sem.tokens(), 8);
+}
+
+#[tokio::test(start_paused = true)]
+async fn backlog_never_overtakes_a_queued_waiter() {
+    let sem = DeferredSemaphore::new(1);
+    let events = RefCell::new(Vec::new());
+    let backlog = Backlog::new(&sem, 0..2u32, |n| {
+        events.borrow_mut().push(format!("item {n} starts"));
+        async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            Ok::<_, ()>(n)
+        }
+    })
+    // A buffer of one keeps the backlog from queueing for its next permit
+    // while item 0 runs, so the waiter below is first in the queue.
+    .buffer(NonZeroUsize::MIN)
+    .for_each(|_| async {});
+    let waiter = async {
+        // Item 0 holds the only token by now, so this acquire queues.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let permit = sem.acquire().await.unwrap();
+        events.borrow_mut().push("waiter acquires".to_string());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        drop(permit);
+    };
+
+    let (report, ()) = future::join(backlog, waiter).await;
+
+    assert_eq!(report.succeeded, 2);
+    let events = events.into_inner();
+    assert_eq!(
+        events,
+        ["item 0 starts", "waiter acquires", "item 1 starts"]
+    );
+}
+
+/// A limiter that only implements the required methods, so backlog
+/// processing gets every permit through `acquire`.
+struct AcquireOnly(DeferredSemaphore);
+
+impl Limiter for AcquireOnly {
+    type Permit = OwnedPermit;
+    type Error = AcquireError;
+    type Acquire = AcquireOwned;
+
+    fn acquire(&self) -> AcquireOwned {
+        self.0.acquire_owned()
+    }
+
+    fn limit(&self) -> usize {
+        self.0.limit()
+    }
+}
+
+#[tokio::test]
+async fn backlog_works_without_try_acquire() {
+    let sem = DeferredSemaphore::new(3);
+    let limiter = AcquireOnly(sem.clone());
+    let work = |n: u64| async move {
+        tokio::task::yield_now().await;
+        Ok::<_, ()>(n)
+    };
+
+    let (outcomes, report) = Backlog::new(limiter, 0..1_000u64, work)
+        .in_input_order()
+        .collect()
+        .await;
+
+    assert_eq!(report.succeeded, 1_000);
+    assert!(
+        report.max_running <= 3,
+        "max_running {}",
+        report.max_running
+    );
+    assert!(outcomes
+        .iter()
+        .enumerate()
+        .all(|(i, o)| o.index == i as u64));
+    assert_eq!(sem.tokens(), 3);
 }

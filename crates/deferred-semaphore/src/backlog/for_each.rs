@@ -167,10 +167,26 @@ where
 
             // Step 2: collect finished work. This runs whether or not the
             // consumer is busy, so slow consumers never stall running work.
+            // Each finished item makes room for one new item, started right
+            // away: the allocator then hands the new task the memory the
+            // finished one just freed, rather than freeing a whole wave of
+            // tasks and allocating the next wave afresh.
             while let Poll::Ready(Some((index, result))) = this.running.poll_next_unpin(cx) {
                 this.progress.record(&result);
                 this.outcomes.finished(Outcome { index, result });
                 progressed = true;
+                start_work(
+                    this.limiter,
+                    this.source.as_mut(),
+                    this.work,
+                    this.acquiring.as_mut(),
+                    this.permit,
+                    this.running,
+                    this.outcomes,
+                    this.progress,
+                    1,
+                    cx,
+                );
             }
 
             // Step 3: cancel running work once the policy requires a stop now.
@@ -189,14 +205,23 @@ where
                 this.running,
                 this.outcomes,
                 this.progress,
+                usize::MAX,
                 cx,
             );
 
-            // Step 5: hand the next outcome to the consumer.
-            if this.consuming.is_none() {
-                if let Some(outcome) = this.outcomes.pop() {
-                    this.consuming.set(Some((this.consumer)(outcome)));
-                    continue;
+            // Step 5: hand outcomes to the consumer, polling each consumer
+            // future at once, so a consumer that finishes without waiting
+            // takes every ready outcome in this round.
+            while this.consuming.is_none() {
+                let Some(outcome) = this.outcomes.pop() else {
+                    break;
+                };
+                this.consuming.set(Some((this.consumer)(outcome)));
+                progressed = true;
+                if let Some(consuming) = this.consuming.as_mut().as_pin_mut() {
+                    if consuming.poll(cx).is_ready() {
+                        this.consuming.set(None);
+                    }
                 }
             }
 
@@ -232,8 +257,8 @@ fn cancel_running<Fut: TryFuture, P>(
     running.clear();
 }
 
-/// Pulls items and starts their work, one permit per item. Returns whether
-/// anything changed.
+/// Pulls items and starts their work, one permit per item, at most `budget`
+/// of them. Returns whether anything changed.
 #[allow(clippy::too_many_arguments)] // The projected fields of one future.
 fn start_work<L, S, F, Fut>(
     limiter: &L,
@@ -244,6 +269,7 @@ fn start_work<L, S, F, Fut>(
     running: &mut FuturesUnordered<Task<Fut, L::Permit>>,
     outcomes: &mut OutcomeBuffer<Fut::Ok, Fut::Error>,
     progress: &mut Progress,
+    budget: usize,
     cx: &mut Context<'_>,
 ) -> bool
 where
@@ -253,7 +279,7 @@ where
     Fut: TryFuture,
 {
     let mut progressed = false;
-    loop {
+    for _ in 0..budget {
         if progress.source_done || progress.stopping() {
             acquiring.set(None);
             permit_slot.take();
@@ -267,24 +293,14 @@ where
         // A permit first, so that an item is only pulled once it can run.
         let permit = match permit_slot.take() {
             Some(permit) => permit,
-            None => {
-                if acquiring.is_none() {
-                    acquiring.set(Some(limiter.acquire()));
+            None => match poll_permit(limiter, acquiring.as_mut(), cx) {
+                Poll::Ready(Ok(permit)) => permit,
+                Poll::Ready(Err(error)) => {
+                    progress.report.stopped = Some(StopReason::Limiter(Box::new(error)));
+                    return true;
                 }
-                let polled = acquiring.as_mut().as_pin_mut().map(|f| f.poll(cx));
-                match polled {
-                    Some(Poll::Ready(Ok(permit))) => {
-                        acquiring.set(None);
-                        permit
-                    }
-                    Some(Poll::Ready(Err(error))) => {
-                        acquiring.set(None);
-                        progress.report.stopped = Some(StopReason::Limiter(Box::new(error)));
-                        return true;
-                    }
-                    _ => return progressed,
-                }
-            }
+                Poll::Pending => return progressed,
+            },
         };
 
         match source.as_mut().poll_next(cx) {
@@ -304,4 +320,29 @@ where
         }
         progressed = true;
     }
+    progressed
+}
+
+/// Takes a free permit through `try_acquire` when the limiter has one, and
+/// otherwise polls the acquire future, which keeps its place in the queue
+/// across polls.
+fn poll_permit<L: Limiter>(
+    limiter: &L,
+    mut acquiring: Pin<&mut Option<L::Acquire>>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<L::Permit, L::Error>> {
+    if acquiring.is_none() {
+        if let Some(permit) = limiter.try_acquire() {
+            return Poll::Ready(Ok(permit));
+        }
+        acquiring.set(Some(limiter.acquire()));
+    }
+    let Some(pending) = acquiring.as_mut().as_pin_mut() else {
+        unreachable!("the acquire future was set above");
+    };
+    let polled = pending.poll(cx);
+    if polled.is_ready() {
+        acquiring.set(None);
+    }
+    polled
 }
