@@ -7,13 +7,12 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use futures_core::{Stream, TryFuture};
-use futures_util::stream::FuturesUnordered;
-use futures_util::StreamExt;
 use pin_project_lite::pin_project;
 
 use super::buffer::OutcomeBuffer;
 use super::policy::{FailurePolicy, Outcome, Report, StopReason};
 use super::task::Task;
+use super::task_set::TaskSet;
 use crate::limiter::Limiter;
 
 /// Rounds of the poll loop before the future yields to its executor, so that
@@ -48,7 +47,7 @@ pin_project! {
         #[pin]
         acquiring: Option<L::Acquire>,
         permit: Option<L::Permit>,
-        running: FuturesUnordered<Task<Fut, L::Permit>>,
+        running: TaskSet<Task<Fut, L::Permit>>,
         outcomes: OutcomeBuffer<Fut::Ok, Fut::Error>,
         #[pin]
         consuming: Option<CFut>,
@@ -101,7 +100,7 @@ where
             consumer,
             acquiring: None,
             permit: None,
-            running: FuturesUnordered::new(),
+            running: TaskSet::new(),
             outcomes: OutcomeBuffer::new(input_order),
             consuming: None,
             progress: Progress {
@@ -171,7 +170,7 @@ where
             // away: the allocator then hands the new task the memory the
             // finished one just freed, rather than freeing a whole wave of
             // tasks and allocating the next wave afresh.
-            while let Poll::Ready(Some((index, result))) = this.running.poll_next_unpin(cx) {
+            while let Poll::Ready(Some((index, result))) = this.running.poll_next(cx) {
                 this.progress.record(&result);
                 this.outcomes.finished(Outcome { index, result });
                 progressed = true;
@@ -243,13 +242,14 @@ where
 }
 
 fn cancel_running<Fut: TryFuture, P>(
-    running: &mut FuturesUnordered<Task<Fut, P>>,
+    running: &mut TaskSet<Task<Fut, P>>,
     outcomes: &mut OutcomeBuffer<Fut::Ok, Fut::Error>,
     report: &mut Report,
 ) {
     let first = report.cancelled.len();
-    let tasks = Pin::new(&*running).iter_pin_ref();
-    report.cancelled.extend(tasks.map(|task| task.index()));
+    report
+        .cancelled
+        .extend(running.iter().map(|task| task.index()));
     report.cancelled[first..].sort_unstable();
     for &index in &report.cancelled[first..] {
         outcomes.cancelled(index);
@@ -266,7 +266,7 @@ fn start_work<L, S, F, Fut>(
     work: &mut F,
     mut acquiring: Pin<&mut Option<L::Acquire>>,
     permit_slot: &mut Option<L::Permit>,
-    running: &mut FuturesUnordered<Task<Fut, L::Permit>>,
+    running: &mut TaskSet<Task<Fut, L::Permit>>,
     outcomes: &mut OutcomeBuffer<Fut::Ok, Fut::Error>,
     progress: &mut Progress,
     budget: usize,

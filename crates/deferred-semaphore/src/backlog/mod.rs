@@ -4,6 +4,7 @@ mod buffer;
 mod for_each;
 mod policy;
 mod task;
+mod task_set;
 
 use std::future::{ready, Future, Ready};
 use std::num::NonZeroUsize;
