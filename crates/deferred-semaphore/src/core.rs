@@ -123,6 +123,12 @@ impl Core {
         self.state.load(Ordering::Relaxed) & CLOSED != 0
     }
 
+    /// Returns whether tokens given back now would go to the free count: no
+    /// waiter is queued, no debt is owed, and the semaphore is open.
+    pub(crate) fn is_uncontended(&self) -> bool {
+        self.state.load(Ordering::Acquire) & (SLOW | CLOSED) == 0
+    }
+
     fn lock(&self) -> MutexGuard<'_, Queue> {
         // No code panics while holding the lock, so a poisoned lock still
         // holds a consistent queue.

@@ -57,6 +57,22 @@ pub trait Limiter {
         None
     }
 
+    /// Passes a permit whose work has ended on to the next unit of work, if
+    /// giving it back and acquiring again at once would grant it anyway.
+    ///
+    /// Backlog processing offers each finished item's permit here before it
+    /// drops it, which saves a release and an acquire per item. Returns the
+    /// permit to reuse, or `None` after dropping it. The default always drops
+    /// it.
+    ///
+    /// Implementations must drop the permit whenever it would go to someone
+    /// else on release: a queued `acquire`, a pending reduction of the limit,
+    /// or a closed limiter.
+    fn reuse(&self, permit: Self::Permit) -> Option<Self::Permit> {
+        drop(permit);
+        None
+    }
+
     /// Returns the most units of work the limiter lets run at once now.
     ///
     /// Backlog processing sizes its buffers from it, so memory follows the
@@ -77,6 +93,10 @@ impl Limiter for DeferredSemaphore {
         self.try_acquire_owned().ok()
     }
 
+    fn reuse(&self, permit: OwnedPermit) -> Option<OwnedPermit> {
+        self.reuse_permit(permit)
+    }
+
     fn limit(&self) -> usize {
         DeferredSemaphore::limit(self)
     }
@@ -95,6 +115,10 @@ impl<L: Limiter + ?Sized> Limiter for &L {
         (**self).try_acquire()
     }
 
+    fn reuse(&self, permit: L::Permit) -> Option<L::Permit> {
+        (**self).reuse(permit)
+    }
+
     fn limit(&self) -> usize {
         (**self).limit()
     }
@@ -111,6 +135,10 @@ impl<L: Limiter + ?Sized> Limiter for std::sync::Arc<L> {
 
     fn try_acquire(&self) -> Option<L::Permit> {
         (**self).try_acquire()
+    }
+
+    fn reuse(&self, permit: L::Permit) -> Option<L::Permit> {
+        (**self).reuse(permit)
     }
 
     fn limit(&self) -> usize {

@@ -95,6 +95,13 @@ impl OwnedPermit {
     }
 }
 
+impl OwnedPermit {
+    /// Returns whether the tokens of this permit belong to `core`.
+    pub(crate) fn is_from(&self, core: &Arc<Core>) -> bool {
+        Arc::ptr_eq(&self.core, core)
+    }
+}
+
 impl Drop for OwnedPermit {
     fn drop(&mut self) {
         self.core.release(self.tokens);

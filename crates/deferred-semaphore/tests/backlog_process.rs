@@ -399,3 +399,77 @@ async fn backlog_works_without_try_acquire() {
         .all(|(i, o)| o.index == i as u64));
     assert_eq!(sem.tokens(), 3);
 }
+
+#[tokio::test(start_paused = true)]
+async fn backlog_follows_a_shrunk_limit() {
+    let sem = DeferredSemaphore::new(4);
+    let running = Cell::new(0usize);
+    let shrunk = Cell::new(false);
+    let peak_after_shrink = Cell::new(0usize);
+    let backlog = Backlog::new(&sem, 0..20u32, |n| {
+        running.set(running.get() + 1);
+        if shrunk.get() {
+            peak_after_shrink.set(peak_after_shrink.get().max(running.get()));
+        }
+        let running = &running;
+        async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            running.set(running.get() - 1);
+            Ok::<_, ()>(n)
+        }
+    })
+    // A buffer wider than the limit leaves room to start items, so only the
+    // shrink holds them back.
+    .buffer(NonZeroUsize::new(64).unwrap())
+    .for_each(|_| async {});
+    let shrink = async {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        sem.set_limit(1).unwrap();
+        shrunk.set(true);
+    };
+
+    let (report, ()) = future::join(backlog, shrink).await;
+
+    assert_eq!(report.succeeded, 20);
+    assert_eq!(peak_after_shrink.get(), 1);
+    assert_eq!(sem.tokens(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn backlog_passes_no_permit_past_a_waiter() {
+    let sem = DeferredSemaphore::new(1);
+    let holder = sem.try_acquire().unwrap();
+    let events = RefCell::new(Vec::new());
+    let backlog = Backlog::new(&sem, 0..2u32, |n| {
+        events.borrow_mut().push(format!("item {n} starts"));
+        async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            Ok::<_, ()>(n)
+        }
+    })
+    .for_each(|_| async {});
+    let others = async {
+        // The backlog queues first; the waiter queues second; then the
+        // holder lets the backlog start item 0, and the backlog queues again
+        // behind the waiter.
+        tokio::task::yield_now().await;
+        let waiting = sem.acquire();
+        let release = async {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            drop(holder);
+        };
+        let (permit, ()) = future::join(waiting, release).await;
+        events.borrow_mut().push("waiter acquires".to_string());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        drop(permit);
+    };
+
+    let (report, ()) = future::join(backlog, others).await;
+
+    assert_eq!(report.succeeded, 2);
+    let events = events.into_inner();
+    assert_eq!(
+        events,
+        ["item 0 starts", "waiter acquires", "item 1 starts"]
+    );
+}

@@ -167,13 +167,19 @@ where
             // Step 2: collect finished work. This runs whether or not the
             // consumer is busy, so slow consumers never stall running work.
             // Each finished item makes room for one new item, started right
-            // away: the allocator then hands the new task the memory the
-            // finished one just freed, rather than freeing a whole wave of
-            // tasks and allocating the next wave afresh.
-            while let Poll::Ready(Some((index, result))) = this.running.poll_next(cx) {
+            // away in the slot just emptied, and under the finished item's
+            // permit when the limiter lets it pass on.
+            while let Poll::Ready(Some((index, result, permit))) = this.running.poll_next(cx) {
                 this.progress.record(&result);
                 this.outcomes.finished(Outcome { index, result });
                 progressed = true;
+                if this.permit.is_none()
+                    && has_room(this.limiter, this.running, this.outcomes, this.progress)
+                {
+                    *this.permit = this.limiter.reuse(permit);
+                } else {
+                    drop(permit);
+                }
                 start_work(
                     this.limiter,
                     this.source.as_mut(),
@@ -285,8 +291,7 @@ where
             permit_slot.take();
             return progressed;
         }
-        let capacity = progress.buffer.unwrap_or(2 * limiter.limit()).max(1);
-        if outcomes.occupied(running.len()) >= capacity {
+        if !has_room(limiter, running, outcomes, progress) {
             return progressed;
         }
 
@@ -321,6 +326,22 @@ where
         progressed = true;
     }
     progressed
+}
+
+/// Returns whether another item may start now: the source may have more, no
+/// stop is under way, and the running and unconsumed outcomes leave room in
+/// the buffer.
+fn has_room<L: Limiter, T, O, E>(
+    limiter: &L,
+    running: &TaskSet<T>,
+    outcomes: &OutcomeBuffer<O, E>,
+    progress: &Progress,
+) -> bool {
+    if progress.source_done || progress.stopping() {
+        return false;
+    }
+    let capacity = progress.buffer.unwrap_or(2 * limiter.limit()).max(1);
+    outcomes.occupied(running.len()) < capacity
 }
 
 /// Takes a free permit through `try_acquire` when the limiter has one, and

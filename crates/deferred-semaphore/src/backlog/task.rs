@@ -8,7 +8,8 @@ use futures_core::TryFuture;
 use pin_project_lite::pin_project;
 
 pin_project! {
-    /// Polls one item's work and drops its permit the moment the work ends.
+    /// Polls one item's work and hands its permit back with the result the
+    /// moment the work ends.
     ///
     /// The permit is declared after the work, so when a running task is
     /// cancelled the work is dropped first and the permit only after it.
@@ -35,12 +36,12 @@ impl<Fut, P> Task<Fut, P> {
 }
 
 impl<Fut: TryFuture, P> Future for Task<Fut, P> {
-    type Output = (u64, Result<Fut::Ok, Fut::Error>);
+    type Output = (u64, Result<Fut::Ok, Fut::Error>, P);
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let result = ready!(this.work.try_poll(cx));
-        this.permit.take();
-        Poll::Ready((*this.index, result))
+        let permit = this.permit.take().expect("task polled after it finished");
+        Poll::Ready((*this.index, result, permit))
     }
 }
