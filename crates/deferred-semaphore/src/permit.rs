@@ -49,6 +49,7 @@ impl<'a> Permit<'a> {
 }
 
 impl Drop for Permit<'_> {
+    #[inline]
     fn drop(&mut self) {
         self.core.release(self.tokens);
     }
@@ -103,6 +104,7 @@ impl OwnedPermit {
 }
 
 impl Drop for OwnedPermit {
+    #[inline]
     fn drop(&mut self) {
         self.core.release(self.tokens);
     }
