@@ -6,6 +6,13 @@
 //! backlog of millions of items allocates only as many tasks as ever run at
 //! once.
 //!
+//! Slots come in groups of 64, and each group has a mask with one bit per
+//! slot. A slot's waker sets its bit with one atomic `fetch_or`. Only the
+//! wake that finds its group's mask empty takes the lock, because it lists
+//! the group and wakes the polling task. A refill takes the listed groups and
+//! clears their masks, so a wave of wakes costs one lock per group and one
+//! wake of the polling task.
+//!
 //! A slot is polled only after its waker was called, or once after a task was
 //! pushed into it. Wakers are shared by every task a slot ever holds, so a
 //! late wake from an earlier task can poll the slot's current task once more
@@ -13,61 +20,73 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Wake, Waker};
 
+/// Slots per group: the bits of one mask.
+const GROUP_SLOTS: usize = 64;
+
 pub(crate) struct TaskSet<T> {
     slots: Vec<Slot<T>>,
+    groups: Vec<Arc<Group>>,
     /// Empty slots, reused before any new slot is made.
     free: Vec<usize>,
     /// Slots filled since the last refill, which need their first poll.
     fresh: Vec<usize>,
-    /// Slots being polled now, taken from the shared queue at the last refill.
+    /// Slots being polled now, found at the last refill.
     batch: Vec<usize>,
     /// The position in `batch` of the next slot to poll.
     cursor: usize,
-    queue: Arc<ReadyQueue>,
+    /// The groups listed at the last refill, kept to reuse its memory.
+    listed: Vec<usize>,
+    ready: Arc<ReadyList>,
     len: usize,
 }
 
 struct Slot<T> {
     task: Pin<Box<Option<T>>>,
-    signal: Arc<Signal>,
     waker: Waker,
 }
 
-/// The slots woken since the last refill, and the waker of the task that
-/// polls the set.
-struct ReadyQueue {
+/// The groups with woken slots, and the waker of the task that polls the
+/// set.
+struct ReadyList {
     state: Mutex<Ready>,
 }
 
 #[derive(Default)]
 struct Ready {
-    slots: Vec<usize>,
+    groups: Vec<usize>,
     /// Taken by the first wake after a refill, so a wave of wakes wakes the
     /// polling task once.
     parent: Option<Waker>,
 }
 
-impl ReadyQueue {
+impl ReadyList {
     fn lock(&self) -> MutexGuard<'_, Ready> {
         // Nothing panics while holding the lock, so a poisoned lock still
-        // holds a consistent queue.
+        // holds a consistent list.
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
+/// The woken slots of one group of 64.
+///
+/// Invariant: while the mask is not 0, the group is in the ready list or in
+/// a refill under way, so no wake is lost and no group is listed twice.
+struct Group {
+    index: usize,
+    mask: AtomicU64,
+    ready: Arc<ReadyList>,
+}
+
 /// The waker of one slot.
 struct Signal {
-    slot: usize,
-    /// Set while the slot's index sits in the shared queue, in `batch` or in
-    /// `fresh`, so that each slot is listed at most once.
-    queued: AtomicBool,
-    queue: Arc<ReadyQueue>,
+    group: Arc<Group>,
+    bit: u64,
 }
 
 impl Wake for Signal {
@@ -76,11 +95,14 @@ impl Wake for Signal {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        if self.queued.swap(true, Ordering::AcqRel) {
+        let group = &self.group;
+        // The release half publishes whatever made the slot ready to the
+        // refill that clears the mask.
+        if group.mask.fetch_or(self.bit, Ordering::AcqRel) != 0 {
             return;
         }
-        let mut ready = self.queue.lock();
-        ready.slots.push(self.slot);
+        let mut ready = group.ready.lock();
+        ready.groups.push(group.index);
         let parent = ready.parent.take();
         drop(ready);
         if let Some(parent) = parent {
@@ -93,11 +115,13 @@ impl<T> TaskSet<T> {
     pub(crate) fn new() -> Self {
         TaskSet {
             slots: Vec::new(),
+            groups: Vec::new(),
             free: Vec::new(),
             fresh: Vec::new(),
             batch: Vec::new(),
             cursor: 0,
-            queue: Arc::new(ReadyQueue {
+            listed: Vec::new(),
+            ready: Arc::new(ReadyList {
                 state: Mutex::new(Ready::default()),
             }),
             len: 0,
@@ -123,24 +147,26 @@ impl<T> TaskSet<T> {
             None => self.add_slot(task),
         };
         self.len += 1;
-        // A slot still listed from a late wake is polled from that listing.
-        if !self.slots[index].signal.queued.swap(true, Ordering::AcqRel) {
-            self.fresh.push(index);
-        }
+        self.fresh.push(index);
     }
 
     fn add_slot(&mut self, task: T) -> usize {
         let index = self.slots.len();
-        let signal = Arc::new(Signal {
-            slot: index,
-            queued: AtomicBool::new(false),
-            queue: Arc::clone(&self.queue),
-        });
-        let waker = Waker::from(Arc::clone(&signal));
+        let group_index = index / GROUP_SLOTS;
+        if group_index == self.groups.len() {
+            self.groups.push(Arc::new(Group {
+                index: group_index,
+                mask: AtomicU64::new(0),
+                ready: Arc::clone(&self.ready),
+            }));
+        }
+        let signal = Signal {
+            group: Arc::clone(&self.groups[group_index]),
+            bit: 1 << (index % GROUP_SLOTS),
+        };
         self.slots.push(Slot {
             task: Box::pin(Some(task)),
-            signal,
-            waker,
+            waker: Waker::from(Arc::new(signal)),
         });
         index
     }
@@ -159,32 +185,37 @@ impl<T> TaskSet<T> {
             }
         }
         self.len = 0;
-        // Listings of the shared queue stay: they find their slots empty or
-        // give a later task one extra poll.
-        let unlisted = self.batch.drain(self.cursor..).chain(self.fresh.drain(..));
-        for index in unlisted {
-            self.slots[index]
-                .signal
-                .queued
-                .store(false, Ordering::Release);
-        }
+        // Bits set in the masks stay: they find their slots empty or give a
+        // later task one extra poll.
         self.batch.clear();
         self.cursor = 0;
+        self.fresh.clear();
     }
 
-    /// Moves the shared queue and the fresh slots into `batch`, and registers
-    /// `cx`'s waker for the next wake. Returns whether there is anything to
-    /// poll.
+    /// Collects the woken slots and the fresh ones into `batch`, and
+    /// registers `cx`'s waker for the next wake. Returns whether there is
+    /// anything to poll.
     fn refill(&mut self, cx: &Context<'_>) -> bool {
         self.batch.clear();
         self.cursor = 0;
-        let mut ready = self.queue.lock();
-        std::mem::swap(&mut self.batch, &mut ready.slots);
+        let mut ready = self.ready.lock();
+        std::mem::swap(&mut self.listed, &mut ready.groups);
         match &ready.parent {
             Some(parent) if parent.will_wake(cx.waker()) => {}
             _ => ready.parent = Some(cx.waker().clone()),
         }
         drop(ready);
+        for &group_index in &self.listed {
+            // The acquire half makes what each wake published visible to
+            // the polls below.
+            let mut mask = self.groups[group_index].mask.swap(0, Ordering::AcqRel);
+            while mask != 0 {
+                let bit = mask.trailing_zeros() as usize;
+                mask &= mask - 1;
+                self.batch.push(group_index * GROUP_SLOTS + bit);
+            }
+        }
+        self.listed.clear();
         self.batch.append(&mut self.fresh);
         !self.batch.is_empty()
     }
@@ -212,11 +243,6 @@ impl<T: Future> TaskSet<T> {
             let index = self.batch[self.cursor];
             self.cursor += 1;
             let slot = &mut self.slots[index];
-            // Cleared before the poll, so a wake during the poll lists the
-            // slot again. The swap also acquires the release of a wake that
-            // found the flag still set, so this poll observes what that wake
-            // signalled.
-            slot.signal.queued.swap(false, Ordering::AcqRel);
             let Some(task) = slot.task.as_mut().as_pin_mut() else {
                 continue;
             };
@@ -293,6 +319,33 @@ mod tests {
 
         assert_eq!(output, Some(Ok(7)));
         assert!(set.is_empty());
+    }
+
+    #[test]
+    fn wakes_reach_every_group() {
+        let mut set = TaskSet::new();
+        let mut senders = Vec::new();
+        for _ in 0..200 {
+            let (sender, receiver) = oneshot::channel::<usize>();
+            senders.push(sender);
+            set.push(receiver);
+        }
+        assert_eq!(poll_once(&mut set), Poll::Pending);
+        assert_eq!(set.groups.len(), 4);
+
+        let sending = std::thread::spawn(move || {
+            for (value, sender) in senders.into_iter().enumerate().rev() {
+                sender.send(value).unwrap();
+            }
+        });
+        let mut outputs = Vec::new();
+        while let Some(output) = block_on(poll_fn(|cx| set.poll_next(cx))) {
+            outputs.push(output.unwrap());
+        }
+        sending.join().unwrap();
+
+        outputs.sort_unstable();
+        assert_eq!(outputs, (0..200).collect::<Vec<_>>());
     }
 
     #[test]
