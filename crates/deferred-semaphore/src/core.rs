@@ -123,6 +123,12 @@ impl Core {
         self.state.load(Ordering::Relaxed) & CLOSED != 0
     }
 
+    /// Returns whether tokens given back now would go to the free count: no
+    /// waiter is queued, no debt is owed, and the semaphore is open.
+    pub(crate) fn is_uncontended(&self) -> bool {
+        self.state.load(Ordering::Acquire) & (SLOW | CLOSED) == 0
+    }
+
     fn lock(&self) -> MutexGuard<'_, Queue> {
         // No code panics while holding the lock, so a poisoned lock still
         // holds a consistent queue.
@@ -132,6 +138,7 @@ impl Core {
     }
 
     /// Takes `n` free tokens without waiting.
+    #[inline]
     pub(crate) fn try_acquire(&self, n: usize) -> Result<(), TryAcquireError> {
         let limit = self.limit();
         if n > limit {
@@ -162,6 +169,10 @@ impl Core {
     }
 
     /// Gives `n` tokens back: to the queue first, then to the free count.
+    ///
+    /// The lock-free path is inlined into callers; the path through the
+    /// lock is kept out of line.
+    #[inline]
     pub(crate) fn release(&self, n: usize) {
         if n == 0 {
             return;
@@ -178,6 +189,12 @@ impl Core {
                 Err(actual) => current = actual,
             }
         }
+        self.release_locked(n);
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn release_locked(&self, n: usize) {
         let mut wakers = Vec::new();
         let mut queue = self.lock();
         self.give_locked(&mut queue, n, &mut wakers);
@@ -186,6 +203,7 @@ impl Core {
     }
 
     /// Polls for `n` tokens on behalf of one acquire future.
+    #[inline]
     pub(crate) fn poll_acquire(
         &self,
         n: usize,
@@ -203,6 +221,7 @@ impl Core {
         result
     }
 
+    #[inline]
     fn start_acquire(
         &self,
         n: usize,
@@ -210,13 +229,25 @@ impl Core {
         cx: &mut Context<'_>,
     ) -> Poll<Result<(), AcquireError>> {
         match self.try_acquire(n) {
-            Ok(()) => return Poll::Ready(Ok(())),
-            Err(TryAcquireError::Closed) => return Poll::Ready(Err(AcquireError::Closed)),
+            Ok(()) => Poll::Ready(Ok(())),
+            Err(TryAcquireError::Closed) => Poll::Ready(Err(AcquireError::Closed)),
             Err(TryAcquireError::ExceedsLimit { requested, limit }) => {
-                return Poll::Ready(Err(AcquireError::ExceedsLimit { requested, limit }))
+                Poll::Ready(Err(AcquireError::ExceedsLimit { requested, limit }))
             }
-            Err(TryAcquireError::NoTokens) => {}
+            Err(TryAcquireError::NoTokens) => self.enqueue(n, acquiring, cx),
         }
+    }
+
+    /// Takes the lock to queue a waiter for `n` tokens, unless they came
+    /// free in the meantime.
+    #[cold]
+    #[inline(never)]
+    fn enqueue(
+        &self,
+        n: usize,
+        acquiring: &mut Acquiring,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), AcquireError>> {
         let mut queue = self.lock();
         // Close and set_limit change these under the lock, so checking them
         // again here leaves no window for a waiter to queue after a close.
@@ -322,10 +353,16 @@ impl Core {
     }
 
     /// Gives back whatever a dropped acquire future held or was owed.
+    #[inline]
     pub(crate) fn cancel(&self, acquiring: &mut Acquiring) {
-        let Acquiring::Queued(key) = std::mem::take(acquiring) else {
-            return;
-        };
+        if let Acquiring::Queued(key) = std::mem::take(acquiring) {
+            self.cancel_queued(key);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn cancel_queued(&self, key: usize) {
         let mut wakers = Vec::new();
         let mut queue = self.lock();
         let waiter = queue.waiters.remove(key);

@@ -45,6 +45,34 @@ pub trait Limiter {
     /// permit.
     fn acquire(&self) -> Self::Acquire;
 
+    /// Takes a permit at once if one is free, without waiting.
+    ///
+    /// Backlog processing tries this before [`acquire`](Limiter::acquire), so
+    /// that an uncontended permit costs no acquire future. The default
+    /// returns `None`, which sends every request through `acquire`.
+    ///
+    /// Implementations must not take a permit ahead of a queued `acquire`,
+    /// or the order in which `acquire` serves waiters would no longer hold.
+    fn try_acquire(&self) -> Option<Self::Permit> {
+        None
+    }
+
+    /// Passes a permit whose work has ended on to the next unit of work, if
+    /// giving it back and acquiring again at once would grant it anyway.
+    ///
+    /// Backlog processing offers each finished item's permit here before it
+    /// drops it, which saves a release and an acquire per item. Returns the
+    /// permit to reuse, or `None` after dropping it. The default always drops
+    /// it.
+    ///
+    /// Implementations must drop the permit whenever it would go to someone
+    /// else on release: a queued `acquire`, a pending reduction of the limit,
+    /// or a closed limiter.
+    fn reuse(&self, permit: Self::Permit) -> Option<Self::Permit> {
+        drop(permit);
+        None
+    }
+
     /// Returns the most units of work the limiter lets run at once now.
     ///
     /// Backlog processing sizes its buffers from it, so memory follows the
@@ -61,6 +89,14 @@ impl Limiter for DeferredSemaphore {
         self.acquire_owned()
     }
 
+    fn try_acquire(&self) -> Option<OwnedPermit> {
+        self.try_acquire_owned().ok()
+    }
+
+    fn reuse(&self, permit: OwnedPermit) -> Option<OwnedPermit> {
+        self.reuse_permit(permit)
+    }
+
     fn limit(&self) -> usize {
         DeferredSemaphore::limit(self)
     }
@@ -75,6 +111,14 @@ impl<L: Limiter + ?Sized> Limiter for &L {
         (**self).acquire()
     }
 
+    fn try_acquire(&self) -> Option<L::Permit> {
+        (**self).try_acquire()
+    }
+
+    fn reuse(&self, permit: L::Permit) -> Option<L::Permit> {
+        (**self).reuse(permit)
+    }
+
     fn limit(&self) -> usize {
         (**self).limit()
     }
@@ -87,6 +131,14 @@ impl<L: Limiter + ?Sized> Limiter for std::sync::Arc<L> {
 
     fn acquire(&self) -> L::Acquire {
         (**self).acquire()
+    }
+
+    fn try_acquire(&self) -> Option<L::Permit> {
+        (**self).try_acquire()
+    }
+
+    fn reuse(&self, permit: L::Permit) -> Option<L::Permit> {
+        (**self).reuse(permit)
     }
 
     fn limit(&self) -> usize {

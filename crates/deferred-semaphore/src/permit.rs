@@ -49,6 +49,7 @@ impl<'a> Permit<'a> {
 }
 
 impl Drop for Permit<'_> {
+    #[inline]
     fn drop(&mut self) {
         self.core.release(self.tokens);
     }
@@ -95,7 +96,15 @@ impl OwnedPermit {
     }
 }
 
+impl OwnedPermit {
+    /// Returns whether the tokens of this permit belong to `core`.
+    pub(crate) fn is_from(&self, core: &Arc<Core>) -> bool {
+        Arc::ptr_eq(&self.core, core)
+    }
+}
+
 impl Drop for OwnedPermit {
+    #[inline]
     fn drop(&mut self) {
         self.core.release(self.tokens);
     }

@@ -453,6 +453,21 @@ impl DeferredSemaphore {
     }
 }
 
+impl DeferredSemaphore {
+    /// Returns `permit` for another unit of work when a release would hand
+    /// its tokens straight back to a new acquire: no waiter is queued, no
+    /// shrink of the limit is pending, the semaphore is open, and the permit
+    /// is this semaphore's. Otherwise drops it, which gives its tokens back.
+    pub(crate) fn reuse_permit(&self, permit: OwnedPermit) -> Option<OwnedPermit> {
+        if permit.is_from(&self.core) && self.core.is_uncontended() {
+            Some(permit)
+        } else {
+            drop(permit);
+            None
+        }
+    }
+}
+
 fn check_limit(limit: usize) -> Result<(), LimitError> {
     if limit == 0 || limit > MAX_TOKENS {
         return Err(LimitError::new(limit));

@@ -1,15 +1,17 @@
 //! Backlog processing: lazy pulls, bounded memory, slow consumers, ordering
 //! and the failure policy.
-#![cfg(not(loom))]
 
-use std::cell::Cell;
-use std::num::NonZeroU64;
+use std::cell::{Cell, RefCell};
+use std::num::{NonZeroU64, NonZeroUsize};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use deferred_semaphore::{Backlog, DeferredSemaphore, FailurePolicy, StopReason, Threshold};
+use deferred_semaphore::{
+    AcquireError, AcquireOwned, Backlog, DeferredSemaphore, FailurePolicy, Limiter, OwnedPermit,
+    StopReason, Threshold,
+};
 use futures::{future, StreamExt};
 use tokio::time::Instant;
 
@@ -248,65 +250,6 @@ async fn percent_threshold_waits_for_enough_items() {
     assert_eq!(report.failed, 5);
 }
 
-#[test]
-fn percent_threshold_rejects_invalid_percent() {
-    let sem = DeferredSemaphore::new(1);
-    for percent in [0.0, -5.0, 100.5, f64::NAN] {
-        let threshold = Threshold::Percent {
-            percent,
-            min_finished: 1,
-        };
-        let result = std::panic::catch_unwind(|| {
-            let _ = Backlog::new(&sem, 0..1u64, |n| async move { Ok::<_, ()>(n) })
-                .on_failure(FailurePolicy::StopSoon(threshold));
-        });
-        assert!(result.is_err(), "percent {percent} was accepted");
-    }
-}
-
-#[tokio::test(start_paused = true)]
-async fn percent_threshold_needs_one_failure() {
-    let sem = DeferredSemaphore::new(1);
-    let threshold = Threshold::Percent {
-        percent: f64::MIN_POSITIVE,
-        min_finished: 1,
-    };
-    let report = Backlog::new(&sem, 0..20u64, |n| async move { Ok::<_, ()>(n) })
-        .on_failure(FailurePolicy::StopSoon(threshold))
-        .for_each(|_| async {})
-        .await;
-
-    assert!(report.stopped.is_none());
-    assert_eq!(report.succeeded, 20);
-}
-
-/// A limiter that reports the largest possible limit and grants every
-/// acquire at once.
-struct Unbounded;
-
-impl deferred_semaphore::Limiter for Unbounded {
-    type Permit = ();
-    type Error = std::convert::Infallible;
-    type Acquire = future::Ready<Result<(), std::convert::Infallible>>;
-
-    fn acquire(&self) -> Self::Acquire {
-        future::ready(Ok(()))
-    }
-
-    fn limit(&self) -> usize {
-        usize::MAX
-    }
-}
-
-#[tokio::test(start_paused = true)]
-async fn backlog_accepts_the_largest_limit() {
-    let report = Backlog::new(Unbounded, 0..100u64, |n| async move { Ok::<_, ()>(n) })
-        .for_each(|_| async {})
-        .await;
-
-    assert_eq!(report.succeeded, 100);
-}
-
 #[tokio::test(start_paused = true)]
 async fn closed_limiter_stops_the_backlog() {
     let sem = DeferredSemaphore::new(2);
@@ -376,6 +319,159 @@ async fn backlog_on_two_workers_stays_under_the_limit() {
     assert_eq!(report.succeeded, 20_000);
     assert!(peak.load(Ordering::SeqCst) <= 8);
     assert_eq!(sem.tokens(), 8);
+}
+
+#[tokio::test(start_paused = true)]
+async fn backlog_never_overtakes_a_queued_waiter() {
+    let sem = DeferredSemaphore::new(1);
+    let events = RefCell::new(Vec::new());
+    let backlog = Backlog::new(&sem, 0..2u32, |n| {
+        events.borrow_mut().push(format!("item {n} starts"));
+        async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            Ok::<_, ()>(n)
+        }
+    })
+    // A buffer of one keeps the backlog from queueing for its next permit
+    // while item 0 runs, so the waiter below is first in the queue.
+    .buffer(NonZeroUsize::MIN)
+    .for_each(|_| async {});
+    let waiter = async {
+        // Item 0 holds the only token by now, so this acquire queues.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let permit = sem.acquire().await.unwrap();
+        events.borrow_mut().push("waiter acquires".to_string());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        drop(permit);
+    };
+
+    let (report, ()) = future::join(backlog, waiter).await;
+
+    assert_eq!(report.succeeded, 2);
+    let events = events.into_inner();
+    assert_eq!(
+        events,
+        ["item 0 starts", "waiter acquires", "item 1 starts"]
+    );
+}
+
+/// A limiter that only implements the required methods, so backlog
+/// processing gets every permit through `acquire`.
+struct AcquireOnly(DeferredSemaphore);
+
+impl Limiter for AcquireOnly {
+    type Permit = OwnedPermit;
+    type Error = AcquireError;
+    type Acquire = AcquireOwned;
+
+    fn acquire(&self) -> AcquireOwned {
+        self.0.acquire_owned()
+    }
+
+    fn limit(&self) -> usize {
+        self.0.limit()
+    }
+}
+
+#[tokio::test]
+async fn backlog_works_without_try_acquire() {
+    let sem = DeferredSemaphore::new(3);
+    let limiter = AcquireOnly(sem.clone());
+    let work = |n: u64| async move {
+        tokio::task::yield_now().await;
+        Ok::<_, ()>(n)
+    };
+
+    let (outcomes, report) = Backlog::new(limiter, 0..1_000u64, work)
+        .in_input_order()
+        .collect()
+        .await;
+
+    assert_eq!(report.succeeded, 1_000);
+    assert!(
+        report.max_running <= 3,
+        "max_running {}",
+        report.max_running
+    );
+    assert!(outcomes
+        .iter()
+        .enumerate()
+        .all(|(i, o)| o.index == i as u64));
+    assert_eq!(sem.tokens(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn backlog_follows_a_shrunk_limit() {
+    let sem = DeferredSemaphore::new(4);
+    let running = Cell::new(0usize);
+    let shrunk = Cell::new(false);
+    let peak_after_shrink = Cell::new(0usize);
+    let backlog = Backlog::new(&sem, 0..20u32, |n| {
+        running.set(running.get() + 1);
+        if shrunk.get() {
+            peak_after_shrink.set(peak_after_shrink.get().max(running.get()));
+        }
+        let running = &running;
+        async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            running.set(running.get() - 1);
+            Ok::<_, ()>(n)
+        }
+    })
+    // A buffer wider than the limit leaves room to start items, so only the
+    // shrink holds them back.
+    .buffer(NonZeroUsize::new(64).unwrap())
+    .for_each(|_| async {});
+    let shrink = async {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        sem.set_limit(1).unwrap();
+        shrunk.set(true);
+    };
+
+    let (report, ()) = future::join(backlog, shrink).await;
+
+    assert_eq!(report.succeeded, 20);
+    assert_eq!(peak_after_shrink.get(), 1);
+    assert_eq!(sem.tokens(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn backlog_passes_no_permit_past_a_waiter() {
+    let sem = DeferredSemaphore::new(1);
+    let holder = sem.try_acquire().unwrap();
+    let events = RefCell::new(Vec::new());
+    let backlog = Backlog::new(&sem, 0..2u32, |n| {
+        events.borrow_mut().push(format!("item {n} starts"));
+        async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            Ok::<_, ()>(n)
+        }
+    })
+    .for_each(|_| async {});
+    let others = async {
+        // The backlog queues first; the waiter queues second; then the
+        // holder lets the backlog start item 0, and the backlog queues again
+        // behind the waiter.
+        tokio::task::yield_now().await;
+        let waiting = sem.acquire();
+        let release = async {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            drop(holder);
+        };
+        let (permit, ()) = future::join(waiting, release).await;
+        events.borrow_mut().push("waiter acquires".to_string());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        drop(permit);
+    };
+
+    let (report, ()) = future::join(backlog, others).await;
+
+    assert_eq!(report.succeeded, 2);
+    let events = events.into_inner();
+    assert_eq!(
+        events,
+        ["item 0 starts", "waiter acquires", "item 1 starts"]
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -466,4 +562,63 @@ async fn with_permits_buffer_bounds_items_in_flight() {
     assert_eq!(report.succeeded, 20);
     assert_eq!(max_in_flight.get(), 4);
     assert_eq!(sem.tokens(), 2);
+}
+
+#[test]
+fn percent_threshold_rejects_invalid_percent() {
+    let sem = DeferredSemaphore::new(1);
+    for percent in [0.0, -5.0, 100.5, f64::NAN] {
+        let threshold = Threshold::Percent {
+            percent,
+            min_finished: 1,
+        };
+        let result = std::panic::catch_unwind(|| {
+            let _ = Backlog::new(&sem, 0..1u64, |n| async move { Ok::<_, ()>(n) })
+                .on_failure(FailurePolicy::StopSoon(threshold));
+        });
+        assert!(result.is_err(), "percent {percent} was accepted");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn percent_threshold_needs_one_failure() {
+    let sem = DeferredSemaphore::new(1);
+    let threshold = Threshold::Percent {
+        percent: f64::MIN_POSITIVE,
+        min_finished: 1,
+    };
+    let report = Backlog::new(&sem, 0..20u64, |n| async move { Ok::<_, ()>(n) })
+        .on_failure(FailurePolicy::StopSoon(threshold))
+        .for_each(|_| async {})
+        .await;
+
+    assert!(report.stopped.is_none());
+    assert_eq!(report.succeeded, 20);
+}
+
+/// A limiter that reports the largest possible limit and grants every
+/// acquire at once.
+struct Unbounded;
+
+impl deferred_semaphore::Limiter for Unbounded {
+    type Permit = ();
+    type Error = std::convert::Infallible;
+    type Acquire = future::Ready<Result<(), std::convert::Infallible>>;
+
+    fn acquire(&self) -> Self::Acquire {
+        future::ready(Ok(()))
+    }
+
+    fn limit(&self) -> usize {
+        usize::MAX
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn backlog_accepts_the_largest_limit() {
+    let report = Backlog::new(Unbounded, 0..100u64, |n| async move { Ok::<_, ()>(n) })
+        .for_each(|_| async {})
+        .await;
+
+    assert_eq!(report.succeeded, 100);
 }

@@ -7,13 +7,12 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use futures_core::{Stream, TryFuture};
-use futures_util::stream::FuturesUnordered;
-use futures_util::StreamExt;
 use pin_project_lite::pin_project;
 
 use super::buffer::OutcomeBuffer;
 use super::policy::{FailurePolicy, Outcome, Report, StopReason};
 use super::task::Task;
+use super::task_set::TaskSet;
 use super::work::StartWork;
 use crate::limiter::Limiter;
 
@@ -49,7 +48,7 @@ pin_project! {
         #[pin]
         acquiring: Option<L::Acquire>,
         permit: Option<L::Permit>,
-        running: FuturesUnordered<Task<Fut, L::Permit>>,
+        running: TaskSet<Task<Fut, L::Permit>>,
         outcomes: OutcomeBuffer<Fut::Ok, Fut::Error>,
         #[pin]
         consuming: Option<CFut>,
@@ -102,7 +101,7 @@ where
             consumer,
             acquiring: None,
             permit: None,
-            running: FuturesUnordered::new(),
+            running: TaskSet::new(),
             outcomes: OutcomeBuffer::new(input_order),
             consuming: None,
             progress: Progress {
@@ -168,10 +167,35 @@ where
 
             // Step 2: collect finished work. This runs whether or not the
             // consumer is busy, so slow consumers never stall running work.
-            while let Poll::Ready(Some((index, result))) = this.running.poll_next_unpin(cx) {
+            // Each finished item makes room for one new item, started right
+            // away in the slot just emptied, and under the finished item's
+            // permit when the limiter lets it pass on.
+            while let Poll::Ready(Some((index, result, permit))) = this.running.poll_next(cx) {
                 this.progress.record(&result);
                 this.outcomes.finished(Outcome { index, result });
                 progressed = true;
+                // Work that held its own permit has already given it back.
+                if let Some(permit) = permit {
+                    if this.permit.is_none()
+                        && has_room(this.limiter, this.running, this.outcomes, this.progress)
+                    {
+                        *this.permit = this.limiter.reuse(permit);
+                    } else {
+                        drop(permit);
+                    }
+                }
+                start_work(
+                    this.limiter,
+                    this.source.as_mut(),
+                    this.work,
+                    this.acquiring.as_mut(),
+                    this.permit,
+                    this.running,
+                    this.outcomes,
+                    this.progress,
+                    1,
+                    cx,
+                );
             }
 
             // Step 3: cancel running work once the policy requires a stop now.
@@ -190,14 +214,23 @@ where
                 this.running,
                 this.outcomes,
                 this.progress,
+                usize::MAX,
                 cx,
             );
 
-            // Step 5: hand the next outcome to the consumer.
-            if this.consuming.is_none() {
-                if let Some(outcome) = this.outcomes.pop() {
-                    this.consuming.set(Some((this.consumer)(outcome)));
-                    continue;
+            // Step 5: hand outcomes to the consumer, polling each consumer
+            // future at once, so a consumer that finishes without waiting
+            // takes every ready outcome in this round.
+            while this.consuming.is_none() {
+                let Some(outcome) = this.outcomes.pop() else {
+                    break;
+                };
+                this.consuming.set(Some((this.consumer)(outcome)));
+                progressed = true;
+                if let Some(consuming) = this.consuming.as_mut().as_pin_mut() {
+                    if consuming.poll(cx).is_ready() {
+                        this.consuming.set(None);
+                    }
                 }
             }
 
@@ -219,13 +252,14 @@ where
 }
 
 fn cancel_running<Fut: TryFuture, P>(
-    running: &mut FuturesUnordered<Task<Fut, P>>,
+    running: &mut TaskSet<Task<Fut, P>>,
     outcomes: &mut OutcomeBuffer<Fut::Ok, Fut::Error>,
     report: &mut Report,
 ) {
     let first = report.cancelled.len();
-    let tasks = Pin::new(&*running).iter_pin_ref();
-    report.cancelled.extend(tasks.map(|task| task.index()));
+    report
+        .cancelled
+        .extend(running.iter().map(|task| task.index()));
     report.cancelled[first..].sort_unstable();
     for &index in &report.cancelled[first..] {
         outcomes.cancelled(index);
@@ -233,8 +267,8 @@ fn cancel_running<Fut: TryFuture, P>(
     running.clear();
 }
 
-/// Pulls items and starts their work, one permit per item. Returns whether
-/// anything changed.
+/// Pulls items and starts their work, one permit per item, at most `budget`
+/// of them. Returns whether anything changed.
 #[allow(clippy::too_many_arguments)] // The projected fields of one future.
 fn start_work<L, S, F, Fut>(
     limiter: &L,
@@ -242,9 +276,10 @@ fn start_work<L, S, F, Fut>(
     work: &mut F,
     mut acquiring: Pin<&mut Option<L::Acquire>>,
     permit_slot: &mut Option<L::Permit>,
-    running: &mut FuturesUnordered<Task<Fut, L::Permit>>,
+    running: &mut TaskSet<Task<Fut, L::Permit>>,
     outcomes: &mut OutcomeBuffer<Fut::Ok, Fut::Error>,
     progress: &mut Progress,
+    budget: usize,
     cx: &mut Context<'_>,
 ) -> bool
 where
@@ -254,41 +289,27 @@ where
     Fut: TryFuture,
 {
     let mut progressed = false;
-    loop {
+    for _ in 0..budget {
         if progress.source_done || progress.stopping() {
             acquiring.set(None);
             permit_slot.take();
             return progressed;
         }
-        let capacity = progress
-            .buffer
-            .unwrap_or(limiter.limit().saturating_mul(2))
-            .max(1);
-        if outcomes.occupied(running.len()) >= capacity {
+        if !has_room(limiter, running, outcomes, progress) {
             return progressed;
         }
 
         // A permit first, so that an item is only pulled once it can run.
         let permit = match permit_slot.take() {
             Some(permit) => permit,
-            None => {
-                if acquiring.is_none() {
-                    acquiring.set(Some(limiter.acquire()));
+            None => match poll_permit(limiter, acquiring.as_mut(), cx) {
+                Poll::Ready(Ok(permit)) => permit,
+                Poll::Ready(Err(error)) => {
+                    progress.report.stopped = Some(StopReason::Limiter(Box::new(error)));
+                    return true;
                 }
-                let polled = acquiring.as_mut().as_pin_mut().map(|f| f.poll(cx));
-                match polled {
-                    Some(Poll::Ready(Ok(permit))) => {
-                        acquiring.set(None);
-                        permit
-                    }
-                    Some(Poll::Ready(Err(error))) => {
-                        acquiring.set(None);
-                        progress.report.stopped = Some(StopReason::Limiter(Box::new(error)));
-                        return true;
-                    }
-                    _ => return progressed,
-                }
-            }
+                Poll::Pending => return progressed,
+            },
         };
 
         match source.as_mut().poll_next(cx) {
@@ -309,4 +330,48 @@ where
         }
         progressed = true;
     }
+    progressed
+}
+
+/// Returns whether another item may start now: the source may have more, no
+/// stop is under way, and the running and unconsumed outcomes leave room in
+/// the buffer.
+fn has_room<L: Limiter, T, O, E>(
+    limiter: &L,
+    running: &TaskSet<T>,
+    outcomes: &OutcomeBuffer<O, E>,
+    progress: &Progress,
+) -> bool {
+    if progress.source_done || progress.stopping() {
+        return false;
+    }
+    let capacity = progress
+        .buffer
+        .unwrap_or(limiter.limit().saturating_mul(2))
+        .max(1);
+    outcomes.occupied(running.len()) < capacity
+}
+
+/// Takes a free permit through `try_acquire` when the limiter has one, and
+/// otherwise polls the acquire future, which keeps its place in the queue
+/// across polls.
+fn poll_permit<L: Limiter>(
+    limiter: &L,
+    mut acquiring: Pin<&mut Option<L::Acquire>>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<L::Permit, L::Error>> {
+    if acquiring.is_none() {
+        if let Some(permit) = limiter.try_acquire() {
+            return Poll::Ready(Ok(permit));
+        }
+        acquiring.set(Some(limiter.acquire()));
+    }
+    let Some(pending) = acquiring.as_mut().as_pin_mut() else {
+        unreachable!("the acquire future was set above");
+    };
+    let polled = pending.poll(cx);
+    if polled.is_ready() {
+        acquiring.set(None);
+    }
+    polled
 }

@@ -4,6 +4,7 @@ mod buffer;
 mod for_each;
 mod policy;
 mod task;
+mod task_set;
 mod work;
 
 use std::future::{ready, Future, Ready};

@@ -8,7 +8,8 @@ use futures_core::TryFuture;
 use pin_project_lite::pin_project;
 
 pin_project! {
-    /// Polls one item's work and drops its permit the moment the work ends.
+    /// Polls one item's work and hands its permit back with the result the
+    /// moment the work ends.
     ///
     /// The permit is declared after the work, so when a running task is
     /// cancelled the work is dropped first and the permit only after it.
@@ -37,12 +38,13 @@ impl<Fut, P> Task<Fut, P> {
 }
 
 impl<Fut: TryFuture, P> Future for Task<Fut, P> {
-    type Output = (u64, Result<Fut::Ok, Fut::Error>);
+    /// The item's index, its result, and its permit unless the work held
+    /// the permit itself.
+    type Output = (u64, Result<Fut::Ok, Fut::Error>, Option<P>);
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let result = ready!(this.work.try_poll(cx));
-        this.permit.take();
-        Poll::Ready((*this.index, result))
+        Poll::Ready((*this.index, result, this.permit.take()))
     }
 }
