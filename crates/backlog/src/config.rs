@@ -104,7 +104,7 @@ impl Config {
                 progress_bar,
                 std::io::stdout().is_terminal(),
             ),
-            journal: JournalConfig::from_args(args.journal, args.jsonl),
+            journal: JournalConfig::from_args(args.journal, args.jsonl)?,
             rules: ItemRules {
                 retry: RetryPolicy {
                     retries: args.retry.retries,

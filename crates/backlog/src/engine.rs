@@ -23,7 +23,7 @@ use crate::journal::{self, Admission, AttemptEnd, AttemptRecord, Journal, Journa
 use crate::outcome::ItemOutcome;
 use crate::progress::{Progress, Summary};
 use crate::results::ResultsWriter;
-use crate::retry::{Attempts, RetryNotice};
+use crate::retry::{Attempts, RetryEvent};
 use crate::signals::{plural_items, Signals};
 use crate::source::{self, Item, ItemKind};
 use crate::stop::{Stop, StopCause, StopLevel, StopWatch};
@@ -104,7 +104,9 @@ pub async fn run(config: &Config) -> anyhow::Result<Summary> {
     };
 
     let (items, read_failure) = source::items(reader, config.format);
-    let mut items = pin!(items);
+    // Fused, because after an early stop the items left are read to record
+    // them as not started, and the input may have ended already.
+    let mut items = pin!(items.fuse());
     let stdout = tokio::io::stdout();
     // The bar can be cleared only around a blocking write. Such a write
     // stalls the runtime, and so the reading of other commands' output,
@@ -139,8 +141,16 @@ pub async fn run(config: &Config) -> anyhow::Result<Summary> {
         summary = processing => summary,
         never = signals.watch(&stop, config.deadline, runner.gauge()) => match never {},
     };
+    // A run that stopped early finished without an error, but the journal
+    // must still say that it did not complete.
+    let outcome = match stop.cause() {
+        Some(cause) if processed.is_ok() && stop.level() >= StopLevel::Soon => {
+            format!("stopped: {cause}")
+        }
+        _ => journal::run_outcome(&processed),
+    };
     let closed = match journal {
-        Some(journal) => journal.close(&journal::run_outcome(&processed)).await,
+        Some(journal) => journal.close(&outcome).await,
         None => Ok(()),
     };
     let mut summary = processed?;
@@ -295,7 +305,10 @@ async fn run_item<R: Runner, W, F: Write>(
         Admission::Run { key, .. } => Some(key),
         Admission::Untracked => None,
         Admission::Skip(skip) => {
-            let outcome = ItemOutcome::NotStarted { cause: None };
+            let outcome = ItemOutcome::NotStarted {
+                attempts: 0,
+                cause: None,
+            };
             let skipped = Journaled::Skipped(skip);
             return Ok(Finished::new(item, ItemResult::default(), outcome, skipped));
         }
@@ -315,14 +328,16 @@ async fn run_item<R: Runner, W, F: Write>(
         Ok(job) => {
             let (index, line) = (item.index, item.line);
             let (key, retry_error) = (key.as_deref(), &retry_error);
-            let notify = move |notice: RetryNotice| async move {
+            let notify = move |event: RetryEvent| async move {
                 if let (Some(journal), Some(key)) = (journal, key) {
-                    if let Err(error) = record_retry(journal, key, &notice).await {
+                    if let Err(error) = record_retry(journal, key, &event).await {
                         retry_error.borrow_mut().get_or_insert(error);
                     }
                 }
-                let mut state = state.lock().await;
-                state.sinks.progress.retrying(index, line, &notice);
+                if let RetryEvent::Waiting(notice) = &event {
+                    let mut state = state.lock().await;
+                    state.sinks.progress.retrying(index, line, notice);
+                }
             };
             attempts.run(job, permit, stop, notify).await
         }
@@ -352,25 +367,28 @@ async fn run_item<R: Runner, W, F: Write>(
     }
 }
 
-/// Records a failed attempt that will be retried, then marks the item
-/// running again. It stays running through the backoff, so a run killed
-/// meanwhile leaves it to be run again.
+/// Records a step of an item's retries: a failed attempt that will be
+/// retried leaves the item pending through its backoff, and the next
+/// attempt marks it running again, with one more attempt.
 async fn record_retry(
     journal: &Journal,
     key: &str,
-    notice: &RetryNotice,
+    event: &RetryEvent,
 ) -> Result<(), JournalError> {
-    let record = AttemptRecord {
-        exit_code: None,
-        signal: None,
-        error: Some(notice.failure.clone()),
-        stderr_tail: Vec::new(),
-    };
-    journal
-        .finish_attempt(key, AttemptEnd::WillRetry(record))
-        .await?;
-    journal.start_attempt(key).await?;
-    Ok(())
+    match event {
+        RetryEvent::Waiting(notice) => {
+            let record = AttemptRecord {
+                exit_code: None,
+                signal: None,
+                error: Some(notice.failure.clone()),
+                stderr_tail: Vec::new(),
+            };
+            journal
+                .finish_attempt(key, AttemptEnd::WillRetry(record))
+                .await
+        }
+        RetryEvent::Starting(_) => journal.start_attempt(key).await.map(drop),
+    }
 }
 
 /// Returns how the journal records an item's last attempt: a stopped or
@@ -463,7 +481,7 @@ where
     S: Stream<Item = Item>,
     F: Write,
 {
-    let outcome = ItemOutcome::NotStarted { cause };
+    let outcome = ItemOutcome::NotStarted { attempts: 0, cause };
     let result = ItemResult::default();
     let mut count = 0;
     let mut items = pin!(items);

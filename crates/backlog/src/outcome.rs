@@ -39,8 +39,12 @@ pub enum ItemOutcome {
         /// The cause that stopped the run.
         cause: Option<StopCause>,
     },
-    /// The item was read but never ran, because the run was stopping.
+    /// The item was read but never ran, or its next attempt never started,
+    /// because the run was stopping.
     NotStarted {
+        /// Attempts made: 0, or the failed attempts of an item whose retry
+        /// was still waiting for its backoff.
+        attempts: u32,
         /// The cause that stopped the run.
         cause: Option<StopCause>,
     },
@@ -80,7 +84,7 @@ impl ItemOutcome {
             | ItemOutcome::Failed { attempts, .. }
             | ItemOutcome::TimedOut { attempts, .. }
             | ItemOutcome::Interrupted { attempts, .. } => *attempts,
-            ItemOutcome::NotStarted { .. } => 0,
+            ItemOutcome::NotStarted { attempts, .. } => *attempts,
         }
     }
 
@@ -102,7 +106,7 @@ impl ItemOutcome {
                 Some(format!("timed out after {}", format_duration(*after)))
             }
             ItemOutcome::Interrupted { cause, .. } => Some(with_cause("killed", cause)),
-            ItemOutcome::NotStarted { cause } => Some(with_cause("not started", cause)),
+            ItemOutcome::NotStarted { cause, .. } => Some(with_cause("not started", cause)),
         }
     }
 }
@@ -147,7 +151,7 @@ mod tests {
     #[test]
     fn not_started_names_cause() {
         let cause = Some(StopCause::Deadline(Duration::from_secs(1)));
-        let outcome = ItemOutcome::NotStarted { cause };
+        let outcome = ItemOutcome::NotStarted { attempts: 0, cause };
         assert_eq!(outcome.attempts(), 0);
         assert_eq!(
             outcome.reason().as_deref(),

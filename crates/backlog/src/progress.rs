@@ -404,7 +404,7 @@ impl Summary {
         let parts = [
             (self.skipped_done, "done earlier"),
             (self.skipped_failed, "failed earlier"),
-            (self.duplicates, "duplicate keys"),
+            (self.duplicates, "with a duplicate key"),
         ];
         let parts: Vec<String> = parts
             .iter()
@@ -619,7 +619,7 @@ mod tests {
             cause: cause.clone(),
         };
         progress.finished(&x(), &ItemResult::default(), &killed, 0);
-        let skipped = ItemOutcome::NotStarted { cause };
+        let skipped = ItemOutcome::NotStarted { attempts: 0, cause };
         progress.finished(&x(), &ItemResult::default(), &skipped, 0);
         let mut summary = progress.finish(1);
         summary.stopped = Some(StopCause::Interrupt);

@@ -270,6 +270,7 @@ mod tests {
     #[test]
     fn write_not_started_record() {
         let outcome = ItemOutcome::NotStarted {
+            attempts: 0,
             cause: Some(crate::stop::StopCause::Interrupt),
         };
         let kind = ItemKind::Text("later".to_owned());

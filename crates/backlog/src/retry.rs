@@ -53,6 +53,16 @@ pub struct Attempts<'a, R> {
     pub timeout: Option<Duration>,
 }
 
+/// A step of an item's retries, reported to the caller of [`Attempts::run`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RetryEvent {
+    /// A failed attempt will be retried after a backoff, without a permit.
+    Waiting(RetryNotice),
+    /// The backoff is over and the permit is held again: attempt number
+    /// `.0` (from 2) starts now.
+    Starting(u32),
+}
+
 /// A retry about to wait for its backoff, for the progress display.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetryNotice {
@@ -133,8 +143,8 @@ impl<R: Runner> Attempts<'_, R> {
     /// the last attempt's result with the item's outcome.
     ///
     /// The permit is dropped before each backoff and acquired again after
-    /// it. Once the run is stopping, no attempt starts: a retry that is
-    /// still waiting ends with the failure before it.
+    /// it, and `notify` hears of both steps. Once the run is stopping, no
+    /// attempt starts: a retry that is still waiting ends as not started.
     pub async fn run<N, NF>(
         &self,
         job: Job,
@@ -143,12 +153,13 @@ impl<R: Runner> Attempts<'_, R> {
         notify: N,
     ) -> (ItemResult, ItemOutcome)
     where
-        N: Fn(RetryNotice) -> NF,
+        N: Fn(RetryEvent) -> NF,
         NF: Future<Output = ()>,
     {
         if stop.level() >= StopLevel::Soon {
             let cause = stop.cause();
-            return (ItemResult::default(), ItemOutcome::NotStarted { cause });
+            let outcome = ItemOutcome::NotStarted { attempts: 0, cause };
+            return (ItemResult::default(), outcome);
         }
         let max_attempts = self.policy.retries.saturating_add(1);
         let mut permit = Some(permit);
@@ -170,18 +181,19 @@ impl<R: Runner> Attempts<'_, R> {
             let delay = self.policy.backoff(attempts, fastrand::f64());
             let failure = result.failure_reason().unwrap_or_default();
             let attempt = attempts + 1;
-            notify(RetryNotice {
+            notify(RetryEvent::Waiting(RetryNotice {
                 failure,
                 attempt,
                 max_attempts,
                 delay,
-            })
+            }))
             .await;
             permit = self.wait_and_acquire(delay, stop.clone()).await;
             if permit.is_none() {
-                let outcome = ItemOutcome::from_last_attempt(&result, attempts, stop.cause());
-                return (result, outcome);
+                let cause = stop.cause();
+                return (result, ItemOutcome::NotStarted { attempts, cause });
             }
+            notify(RetryEvent::Starting(attempt)).await;
         }
     }
 

@@ -8,7 +8,7 @@
 //! so that a service manager gets the same clean stop.
 
 use std::convert::Infallible;
-use std::io;
+use std::io::{self, Write};
 use std::time::Duration;
 
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -69,23 +69,41 @@ impl Signals {
 }
 
 fn announce_signal(cause: &StopCause, level: StopLevel, running: usize) {
-    let name = match cause {
-        StopCause::Terminate => "terminated (SIGTERM)",
-        _ => "interrupted",
+    let (name, again) = match cause {
+        StopCause::Terminate => ("terminated (SIGTERM)", "send SIGTERM again"),
+        _ => ("interrupted", "press Ctrl-C again"),
     };
     let items = plural_items(running);
-    match level {
-        StopLevel::Now => eprintln!("{name} again: killing {running} running {items}"),
-        _ => eprintln!(
-            "{name}: waiting for {running} running {items}; press Ctrl-C again to kill them"
+    // Progress lines are best effort, as elsewhere: a closed stderr must not
+    // stop the shutdown.
+    let mut stderr = std::io::stderr();
+    let _ = match level {
+        StopLevel::Now => writeln!(stderr, "{name} again: killing {running} running {items}"),
+        _ if running == 0 => writeln!(
+            stderr,
+            "{name}: no command is running; starting nothing new"
         ),
-    }
+        _ => writeln!(
+            stderr,
+            "{name}: waiting for {running} running {items}; {again} to kill them"
+        ),
+    };
 }
 
 fn announce_deadline(after: Duration, running: usize) {
-    let items = plural_items(running);
     let after = format_duration(after);
-    eprintln!("deadline of {after} passed: killing {running} running {items}");
+    let _ = if running == 0 {
+        writeln!(
+            std::io::stderr(),
+            "deadline of {after} passed; no command is running"
+        )
+    } else {
+        let items = plural_items(running);
+        writeln!(
+            std::io::stderr(),
+            "deadline of {after} passed: killing {running} running {items}"
+        )
+    };
 }
 
 /// Returns "item" or "items" to follow `count`.

@@ -137,7 +137,10 @@ fn duplicate_keys_run_once() {
         stderr.contains("skip   #2 line 3: same key as line 1"),
         "{stderr}"
     );
-    assert!(stderr.contains("skipped 1 (1 duplicate keys)"), "{stderr}");
+    assert!(
+        stderr.contains("skipped 1 (1 with a duplicate key)"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -187,6 +190,34 @@ fn other_key_rule_is_rejected() {
 }
 
 #[test]
+fn key_without_placeholder_is_rejected() {
+    let dir = TempDir::new().unwrap();
+    // Without --jsonl, `{email}` is literal text, not a placeholder.
+    let output = run_journaled(dir.path(), "a\nb\n", &["--key", "{email}"]);
+    let stderr = stderr_of(&output);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--key '{email}' contains no placeholder"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("with --jsonl"), "{stderr}");
+    assert!(ledger(dir.path()).is_empty());
+}
+
+#[test]
+fn other_input_format_is_rejected() {
+    let dir = TempDir::new().unwrap();
+    let input = "{\"id\":1}\n";
+    let first = run_journaled(dir.path(), input, &["--jsonl", "--key", "{}"]);
+    assert_eq!(first.status.code(), Some(0), "{}", stderr_of(&first));
+    let output = run_journaled(dir.path(), input, &["--key", "{}"]);
+    let stderr = stderr_of(&output);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--key '{}' with --jsonl"), "{stderr}");
+    assert_eq!(ledger(dir.path()).len(), 1);
+}
+
+#[test]
 fn key_without_journal_is_usage_error() {
     let dir = TempDir::new().unwrap();
     let output = backlog(dir.path())
@@ -226,6 +257,59 @@ fn status_shows_counts_and_failures() {
     assert_eq!(status["counts"]["failed"], 1);
     assert_eq!(status["last_run"]["state"], "completed");
     assert_eq!(status["interrupted"], serde_json::json!([]));
+}
+
+#[test]
+fn status_shows_run_stopped_by_deadline() {
+    let dir = TempDir::new().unwrap();
+    std::fs::write(dir.path().join("in.txt"), "a\nb\nc\n").unwrap();
+    let output = backlog(dir.path())
+        .args(["run", "in.txt", "--journal", "journal.db", "--max-run", "1"])
+        .args(["--deadline", "300ms", "--", "sleep", "5"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(124), "{}", stderr_of(&output));
+
+    let status = status_json(dir.path());
+    let last_run = &status["last_run"];
+    assert_ne!(last_run["state"], "completed", "{status}");
+    let outcome = last_run["outcome"].as_str().unwrap();
+    assert!(outcome.contains("the deadline of 300ms passed"), "{status}");
+}
+
+#[test]
+fn stop_during_retry_backoff_leaves_item_pending() {
+    let dir = TempDir::new().unwrap();
+    std::fs::write(dir.path().join("in.txt"), "a\n").unwrap();
+    let output = backlog(dir.path())
+        .args(["run", "in.txt", "--journal", "journal.db"])
+        .args(["--results", "results.jsonl", "--retries", "3"])
+        .args(["--retry-delay", "5s", "--deadline", "500ms"])
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "echo \"$1\" >> ledger; exit 75",
+            "sh",
+            "{}",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(124), "{}", stderr_of(&output));
+    assert_eq!(ledger(dir.path()), ["a"]);
+
+    let status = status_json(dir.path());
+    assert_eq!(status["counts"]["pending"], 1, "{status}");
+    assert_eq!(status["counts"]["failed"], 0, "{status}");
+    let results = std::fs::read_to_string(dir.path().join("results.jsonl")).unwrap();
+    let record: Value = serde_json::from_str(results.trim()).unwrap();
+    assert_eq!(record["outcome"], "not_started");
+    assert_eq!(record["attempts"], 1);
+
+    // The next run tries the item again instead of skipping it as failed.
+    let rerun = run_journaled(dir.path(), "a\n", &[]);
+    assert_eq!(rerun.status.code(), Some(0), "{}", stderr_of(&rerun));
+    assert_eq!(ledger(dir.path()), ["a", "a"]);
 }
 
 #[test]

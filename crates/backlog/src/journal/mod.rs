@@ -44,6 +44,9 @@ pub struct JournalConfig {
     pub key: KeyRule,
     /// Whether items that failed in an earlier run run again.
     pub retry_failed: bool,
+    /// Whether items are JSON Lines, which changes both the hash and what
+    /// a `--key` template can name.
+    pub jsonl: bool,
 }
 
 /// The rule that makes an item's identity, its key in the journal.
@@ -161,20 +164,50 @@ enum Request {
 
 impl JournalConfig {
     /// Builds the journal settings, or `None` without `--journal`.
-    pub fn from_args(args: JournalArgs, jsonl: bool) -> Option<Self> {
-        let path = args.journal?;
+    ///
+    /// # Errors
+    ///
+    /// Fails when `--key` contains no placeholder, which would give every
+    /// item the same key.
+    pub fn from_args(args: JournalArgs, jsonl: bool) -> anyhow::Result<Option<Self>> {
+        let Some(path) = args.journal else {
+            return Ok(None);
+        };
         let key = match args.key {
-            Some(source) => KeyRule::Template {
-                template: Template::parse(std::slice::from_ref(&source), jsonl),
-                source,
-            },
+            Some(source) => {
+                let template = Template::parse(std::slice::from_ref(&source), jsonl);
+                if template.fixed_program().is_some() {
+                    let fields = if jsonl {
+                        "a field such as {email}"
+                    } else {
+                        "a field such as {email} with --jsonl"
+                    };
+                    anyhow::bail!(
+                        "--key '{source}' contains no placeholder, so every item would get \
+                         the same key. Use {{}} for the whole item, or {fields}"
+                    );
+                }
+                KeyRule::Template { template, source }
+            }
             None => KeyRule::Hash,
         };
-        Some(JournalConfig {
+        Ok(Some(JournalConfig {
             path,
             key,
             retry_failed: args.retry_failed,
-        })
+            jsonl,
+        }))
+    }
+
+    /// Returns the key rule as stored in the journal, with the input format,
+    /// so that a later run with another rule or format is rejected.
+    pub fn key_rule(&self) -> String {
+        let rule = self.key.describe();
+        if self.jsonl {
+            format!("{rule} with --jsonl")
+        } else {
+            rule
+        }
     }
 }
 
@@ -268,7 +301,7 @@ impl Journal {
     /// Fails with a message naming the file and the fix when the journal
     /// cannot be opened, is not a journal, or is in use by a live run.
     pub async fn open(config: &JournalConfig) -> Result<(Self, Started), JournalError> {
-        let (path, key_rule) = (config.path.clone(), config.key.describe());
+        let (path, key_rule) = (config.path.clone(), config.key_rule());
         let retry_failed = config.retry_failed;
         let (requests, receiver) = mpsc::channel();
         let (opened_tx, opened_rx) = oneshot::channel();
