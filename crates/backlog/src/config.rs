@@ -85,8 +85,11 @@ impl Config {
         ];
         for (option, output) in outputs {
             if let Some(output) = output {
-                check_not_input(&args.input, option, output)?;
+                check_not_same(&args.input, "the input file", option, output)?;
             }
+        }
+        if let (Some(results), Some(journal)) = (&args.results, &args.journal.journal) {
+            check_not_same(journal, "the journal", "--results", results)?;
         }
         let progress_bar = std::io::stderr().is_terminal();
         let max_run = usize::try_from(args.max_run)
@@ -149,15 +152,16 @@ fn check_program(program: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Checks that an output file is not the input file, which the run would
-/// read its own output from without end.
-fn check_not_input(input: &Path, option: &str, output: &Path) -> anyhow::Result<()> {
-    let (Ok(input_meta), Ok(output_meta)) = (input.metadata(), output.metadata()) else {
+/// Checks that an output file is not `other`: the input file, which the
+/// run would read its own output from without end, or the journal, whose
+/// checkpoints would cut the appended records away.
+fn check_not_same(other: &Path, what: &str, option: &str, output: &Path) -> anyhow::Result<()> {
+    let (Ok(other_meta), Ok(output_meta)) = (other.metadata(), output.metadata()) else {
         return Ok(());
     };
-    if input_meta.dev() == output_meta.dev() && input_meta.ino() == output_meta.ino() {
+    if other_meta.dev() == output_meta.dev() && other_meta.ino() == output_meta.ino() {
         bail!(
-            "{option} '{}' is the input file. Write it to another file",
+            "{option} '{}' is {what}. Write it to another file",
             output.display()
         );
     }

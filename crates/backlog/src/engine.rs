@@ -29,6 +29,10 @@ use crate::source::{self, Item, ItemKind};
 use crate::stop::{Stop, StopCause, StopLevel, StopWatch};
 use crate::template::{self, Template};
 
+/// The number of items that may wait for a retry at once beyond twice
+/// `--max-run`; past it, new items wait until a retry starts or ends.
+const MAX_WAITING_RETRIES: usize = 1024;
+
 /// How often the progress bar's running count is redrawn.
 const REFRESH_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -234,6 +238,7 @@ where
     let consumer = move |outcome| consume(outcome, state_ref, failed_ref, gauge, (halt_ref, stop));
     let backlog = Backlog::from_stream_with_permits(&limiter, items, work)
         .on_failure(rules.halt.failure_policy())
+        .buffer(buffer_size(max_run, rules))
         .for_each(consumer);
     let report = drive(backlog, &state, &sink_failed, gauge).await?;
     let mut state = state.into_inner();
@@ -247,6 +252,18 @@ where
         bail!("the backlog stopped early: {reason}");
     }
     Ok(state.sinks.progress.finish(gauge.max()))
+}
+
+/// Returns how many items may be in flight at once: running, waiting for a
+/// retry without a permit, or waiting for the consumer. Retries get room of
+/// their own, so that items waiting out a long backoff do not stop new
+/// items from starting.
+fn buffer_size(max_run: NonZeroUsize, rules: &ItemRules) -> NonZeroUsize {
+    let base = max_run.saturating_mul(NonZeroUsize::new(2).expect("2 is not zero"));
+    if rules.retry.retries == 0 {
+        return base;
+    }
+    base.saturating_add(MAX_WAITING_RETRIES)
 }
 
 /// Polls the backlog to its end while redrawing progress, and gives up at

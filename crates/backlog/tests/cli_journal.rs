@@ -313,6 +313,37 @@ fn stop_during_retry_backoff_leaves_item_pending() {
 }
 
 #[test]
+fn results_file_equal_to_journal_is_rejected() {
+    let dir = TempDir::new().unwrap();
+    assert_eq!(run_journaled(dir.path(), "a\n", &[]).status.code(), Some(0));
+    let output = run_journaled(dir.path(), "a\nb\n", &["--results", "journal.db"]);
+    let stderr = stderr_of(&output);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--results 'journal.db' is the journal"),
+        "{stderr}"
+    );
+    assert_eq!(ledger(dir.path()), ["a"]);
+}
+
+#[test]
+fn waiting_retries_leave_room_for_new_items() {
+    let dir = TempDir::new().unwrap();
+    std::fs::write(dir.path().join("in.txt"), "a\nb\nc\nd\n").unwrap();
+    // a and b fail once and wait 30 s for their retry; c and d must still
+    // run at --max-run 1 before the deadline stops the run.
+    let script = r#"echo "$1" >> ledger; case "$1" in a|b) exit 75;; esac"#;
+    let output = backlog(dir.path())
+        .args(["run", "in.txt", "--max-run", "1", "--retries", "1"])
+        .args(["--retry-delay", "30s", "--deadline", "3s"])
+        .args(["--", "sh", "-c", script, "sh", "{}"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(124), "{}", stderr_of(&output));
+    assert_eq!(sorted_ledger(dir.path()), ["a", "b", "c", "d"]);
+}
+
+#[test]
 fn status_of_missing_journal_fails() {
     let dir = TempDir::new().unwrap();
     let output = backlog(dir.path())
