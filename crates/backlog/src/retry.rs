@@ -11,7 +11,7 @@ use std::time::Duration;
 use deferred_semaphore::{DeferredSemaphore, OwnedPermit};
 
 use crate::duration::format_duration;
-use crate::exec::{ItemResult, Job, Runner};
+use crate::exec::{ItemResult, Runner};
 use crate::group::Termination;
 use crate::outcome::ItemOutcome;
 use crate::stop::{StopLevel, StopWatch};
@@ -101,6 +101,9 @@ impl RetryPolicy {
     /// retried. Commands that could not start and commands the run killed
     /// are never retried.
     pub fn is_retryable(&self, result: &ItemResult) -> bool {
+        if result.temporary && !result.is_ok() {
+            return result.terminated != Some(Termination::Stopped);
+        }
         if result.is_ok() || result.error.is_some() {
             return false;
         }
@@ -137,7 +140,7 @@ impl<R: Runner> Attempts<'_, R> {
     /// still waiting ends with the failure before it.
     pub async fn run<N, NF>(
         &self,
-        job: Job,
+        job: R::Job,
         permit: OwnedPermit,
         stop: StopWatch,
         notify: N,
