@@ -8,8 +8,8 @@ appends one JSON line per event to the log file given as its argument:
    "max_sessions": N, "max_per_domain": {domain: N}}
 
 Every line carries the counts so far: the open sessions, the most seen at
-once, and per recipient domain the most sessions seen at once (a session
-counts for a domain from its first RCPT of that domain until it closes).
+once, and the most seen at once per recipient domain. A session counts for
+a domain from its first RCPT of that domain until it closes.
 
 Faults, chosen by a recipient's local part:
   temp-once...  451 on the first RCPT of that address, then 250

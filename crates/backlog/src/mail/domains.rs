@@ -55,7 +55,7 @@ impl DomainLimits {
                 .is_some_and(|until| Instant::now() >= until)
             {
                 domain.slowed_until = None;
-                // Growing never fails.
+                // A limit from 1 up to `per_domain` is always valid.
                 let _ = domain.semaphore.set_limit(self.per_domain);
             }
             domain.semaphore.clone()
@@ -74,8 +74,8 @@ impl DomainLimits {
             return;
         };
         let halved = (domain.semaphore.limit() / 2).max(1);
-        // Shrinking retires tokens as sessions end; it fails only below a
-        // queued request's size, which is 1 here.
+        // Shrinking retires tokens as sessions end. The new limit is at
+        // least 1, which `set_limit` accepts.
         let _ = domain.semaphore.set_limit(halved);
         domain.slowed_until = Some(Instant::now() + self.cooldown);
     }

@@ -13,7 +13,7 @@ use mailparse::{MailAddr, MailHeaderMap};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
-/// How a message's journal key is made.
+/// The rule that makes a message's journal key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MailKey {
     /// The Message-ID header, or the SHA-256 of the message when it has
@@ -23,7 +23,7 @@ pub enum MailKey {
     Sha256,
 }
 
-/// Where a message is in the input.
+/// The position of a message in the input.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Place {
     /// The file it was read from.
@@ -38,7 +38,7 @@ pub struct Place {
 /// sends.
 #[derive(Debug, PartialEq)]
 pub struct Envelope {
-    /// Where the message is in the input.
+    /// The position of the message in the input.
     pub place: Place,
     /// The recipients' domain, in lower case.
     pub domain: String,
@@ -62,7 +62,7 @@ const JSON_FIELDS: [&str; 9] = [
 ];
 
 impl Place {
-    /// Creates the place of a file that holds one message.
+    /// Creates the place of a file that contains one message.
     pub fn file(file: &Path) -> Self {
         Place {
             file: file.to_path_buf(),
@@ -347,6 +347,7 @@ pub fn envelopes_from_json(
     let from = text_field(object, "from")?.ok_or("no field 'from'")?;
     let from = Mailbox::from_str(from).map_err(|e| format!("invalid 'from' '{from}': {e}"))?;
     let mut builder = lettre::Message::builder().from(from.clone()).keep_bcc();
+    let mut recipients = 0;
     for (field, add) in [
         ("to", lettre::message::MessageBuilder::to as fn(_, _) -> _),
         ("cc", lettre::message::MessageBuilder::cc),
@@ -354,8 +355,12 @@ pub fn envelopes_from_json(
         ("reply_to", lettre::message::MessageBuilder::reply_to),
     ] {
         for mailbox in mailbox_field(object, field)? {
+            recipients += usize::from(field != "reply_to");
             builder = add(builder, mailbox);
         }
+    }
+    if recipients == 0 {
+        return Err("no recipient: no address in To, Cc or Bcc".to_owned());
     }
     if let Some(subject) = text_field(object, "subject")? {
         builder = builder.subject(subject);
@@ -484,7 +489,7 @@ mod tests {
     }
 
     #[test]
-    fn sender_header_wins_and_hash_key_without_message_id() {
+    fn sender_header_and_hash_key() {
         let message = b"From: a@one.test\nSender: s@two.test\nTo: b@x.test\n\nhi\n";
         let envelopes = envelopes(&place(), message, MailKey::MessageId).unwrap();
         assert_eq!(envelopes[0].sender.to_string(), "s@two.test");

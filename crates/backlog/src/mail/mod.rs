@@ -43,7 +43,7 @@ pub struct MailConfig {
     pub max_run: NonZeroUsize,
     /// The maximum number of sessions at once per recipient domain.
     pub per_domain: usize,
-    /// How a message's journal key is made.
+    /// The rule that makes a message's journal key.
     pub key: MailKey,
     /// The results file.
     pub results: Option<PathBuf>,

@@ -27,7 +27,7 @@ pub const PASSWORD_VARIABLE: &str = "BACKLOG_SMTP_PASSWORD";
 /// connection: "service not available, closing transmission channel".
 const SLOW_DOWN_CODE: u16 = 421;
 
-/// How TLS protects a session.
+/// The TLS mode of a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TlsMode {
     /// `smtp://`: STARTTLS when the server offers it, plain text otherwise.
@@ -47,7 +47,7 @@ pub struct SmtpServer {
     pub host: String,
     /// The port.
     pub port: u16,
-    /// How TLS is used.
+    /// The TLS mode.
     pub tls: TlsMode,
     /// The user name and password from the environment, if set.
     pub credentials: Option<(String, String)>,
@@ -308,7 +308,7 @@ impl SmtpRunner {
                     let failure = session_failure(&error);
                     replies.push(Some(Reply::failed(address, &failure)));
                     if failure.code.is_none() {
-                        // The connection broke: nobody gets the message.
+                        // The connection broke, so no recipient gets the message.
                         replies.resize_with(pending.len(), || None);
                         return fill(pending, replies, &failure);
                     }
