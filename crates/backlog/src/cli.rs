@@ -33,6 +33,16 @@ awk's `{print}` becomes `{{print}}`.
 Linux limits one argument to 128 KiB. For large items, let the command read
 the item from its standard input instead of passing `{}` as an argument.";
 
+/// The end of `backlog mail --help`: the JSON fields and the credentials.
+const MAIL_AFTER_HELP: &str = "\
+Mail merge (--jsonl) fields: from, to (a string or a list), cc, bcc,
+subject, text, html, headers (an object of strings), reply_to.
+
+The SMTP user name and password come from BACKLOG_SMTP_USERNAME and
+BACKLOG_SMTP_PASSWORD, never from the URL.
+
+Exit status: as for `backlog run`; 1 when a message failed.";
+
 /// Works through a backlog of items, running a command for each under limits.
 #[derive(Debug, Parser)]
 #[command(name = "backlog", version, about)]
@@ -57,6 +67,21 @@ pub enum Command {
     /// groups SIGTERM, then SIGKILL after --kill-after.
     #[command(after_help = RUN_AFTER_HELP)]
     Run(Box<RunArgs>),
+    /// Sends email messages over SMTP, at most --max-run sessions at once
+    /// and at most --per-domain per recipient domain.
+    ///
+    /// INPUT is an .eml file, an mbox file (a name ending in .mbox or .mbx,
+    /// or a first line starting with `From `), or a folder, whose files
+    /// (not subfolders, not hidden files) are read in name order. With
+    /// --jsonl, each line of INPUT is one message to build (mail merge).
+    ///
+    /// A message goes out in one envelope per recipient domain, each its
+    /// own SMTP session and item, with every recipient's reply recorded.
+    /// 2xx is delivered, 4xx is retried (--retries), 5xx fails. A 421
+    /// reply or a refused connection also halves that domain's
+    /// --per-domain limit until --retry-delay has passed.
+    #[command(after_help = MAIL_AFTER_HELP)]
+    Mail(Box<MailArgs>),
     /// Shows the state of a journal: counts by state, failed items with
     /// their last error, and items that were running when a run died.
     Status(StatusArgs),
@@ -94,6 +119,87 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub stop: StopArgs,
+}
+
+/// The arguments of `backlog mail`.
+#[derive(Debug, Args)]
+pub struct MailArgs {
+    /// Sets the SMTP server: smtp://host[:port] (port 25; STARTTLS when the
+    /// server offers it, or always with ?starttls=required, never with
+    /// ?starttls=never) or smtps://host[:port] (port 465, TLS throughout).
+    #[arg(long, value_name = "URL")]
+    pub smtp: String,
+
+    /// Sets the maximum number of SMTP sessions at once.
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = parse_max_run)]
+    pub max_run: u64,
+
+    /// Sets the maximum number of SMTP sessions at once per recipient domain.
+    #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub per_domain: u32,
+
+    /// Reads each line of INPUT as one JSON object to build a message from.
+    #[arg(long)]
+    pub jsonl: bool,
+
+    /// Appends one JSON line per envelope to FILE, with each recipient's
+    /// reply code and text.
+    #[arg(long, value_name = "FILE")]
+    pub results: Option<PathBuf>,
+
+    /// Records each envelope's state in the SQLite file FILE, so that a
+    /// rerun sends only what was not delivered.
+    #[arg(long, value_name = "FILE")]
+    pub journal: Option<PathBuf>,
+
+    /// Sets a message's identity in the journal: `message-id` (its
+    /// Message-ID header, or its SHA-256 when it has none) or `sha256`.
+    #[arg(
+        long,
+        value_name = "RULE",
+        default_value = "message-id",
+        requires = "journal"
+    )]
+    pub key: String,
+
+    /// Sends again the envelopes that failed in an earlier run of the
+    /// journal, which are skipped otherwise.
+    #[arg(long, requires = "journal")]
+    pub retry_failed: bool,
+
+    /// Sets the maximum number of retries of an envelope whose recipients
+    /// got a temporary failure (4xx, or no connection). 5xx replies are
+    /// never retried.
+    #[arg(long, value_name = "N", default_value_t = 5, help_heading = "Retries")]
+    pub retries: u32,
+
+    /// Sets the wait before the first retry. Each later retry waits twice as
+    /// long, up to 5m, scaled by a random factor from 0.5 to 1.
+    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_retry_delay,
+          help_heading = "Retries")]
+    pub retry_delay: Duration,
+
+    /// Sets the time limit of each attempt (one SMTP session, waiting for
+    /// the domain included). A timed-out attempt fails and is not retried,
+    /// because the server may have taken the message.
+    #[arg(long, value_name = "DUR", value_parser = parse_positive_duration,
+          help_heading = "Time limits and stopping")]
+    pub timeout: Option<Duration>,
+
+    /// Sets the time limit of the whole run; then exits with 124.
+    #[arg(long, value_name = "DUR", value_parser = parse_positive_duration,
+          help_heading = "Time limits and stopping")]
+    pub deadline: Option<Duration>,
+
+    /// Sets when failed envelopes stop the run, as for `backlog run`.
+    #[arg(long, value_name = "WHEN", default_value = "never", value_parser = parse_halt,
+          help_heading = "Time limits and stopping")]
+    pub halt: Halt,
+
+    /// Sets the .eml files, mbox files or folders to send, or JSON Lines
+    /// files with --jsonl.
+    #[arg(value_name = "INPUT", required = true, num_args = 1..)]
+    pub inputs: Vec<PathBuf>,
 }
 
 /// The options that retry failed attempts.

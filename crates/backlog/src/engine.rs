@@ -6,6 +6,7 @@ use std::cell::RefCell;
 use std::future::Future;
 use std::io::Write;
 use std::num::NonZeroUsize;
+use std::path::Path;
 use std::pin::pin;
 use std::time::Duration;
 
@@ -17,9 +18,11 @@ use tokio::sync::{Mutex, Notify};
 use tokio::time::MissedTickBehavior;
 
 use crate::config::{Config, ItemRules};
-use crate::exec::{Gauge, ItemResult, Job, ProcessRunner, Runner};
+use crate::exec::{Gauge, ItemResult, Job, MakeJob, ProcessRunner, Runner};
 use crate::halt::HaltCounter;
-use crate::journal::{self, Admission, AttemptEnd, AttemptRecord, Journal, JournalError, Skip};
+use crate::journal::{
+    self, Admission, AttemptEnd, AttemptRecord, Journal, JournalConfig, JournalError, Skip,
+};
 use crate::outcome::ItemOutcome;
 use crate::progress::{Progress, Summary};
 use crate::results::ResultsWriter;
@@ -82,6 +85,28 @@ struct SinkState<'a, W, F: Write> {
     fatal: Option<anyhow::Error>,
 }
 
+/// Everything a run needs besides its items, its jobs and its runner.
+#[derive(Debug)]
+pub struct RunSetup<'a> {
+    /// The file that receives one JSON line per finished item.
+    pub results: Option<&'a Path>,
+    /// Whether to draw a progress bar instead of log lines.
+    pub progress_bar: bool,
+    /// Whether to write output with the progress bar cleared.
+    pub clear_bar_for_output: bool,
+    /// The journal of item states.
+    pub journal: Option<&'a JournalConfig>,
+    /// The maximum number of items running at once.
+    pub max_run: NonZeroUsize,
+    /// Retries, time limits and `--halt`.
+    pub rules: &'a ItemRules,
+    /// The time limit of the whole run.
+    pub deadline: Option<Duration>,
+    /// Whether the input may never end (standard input), so that items not
+    /// started are left unread instead of recorded.
+    pub endless_input: bool,
+}
+
 /// Runs the backlog that `config` describes with real processes, then
 /// prints the summary to stderr.
 ///
@@ -90,24 +115,62 @@ struct SinkState<'a, W, F: Write> {
 /// Fails when the input or results file cannot be opened, when writing
 /// stdout or the results file fails, and when reading the input fails.
 pub async fn run(config: &Config) -> anyhow::Result<Summary> {
-    let signals = Signals::install().context("cannot install the SIGINT and SIGTERM handlers")?;
     let reader = source::open(&config.input)
         .await
         .with_context(|| format!("cannot open input file '{}'", config.input.display()))?;
-    let results = match &config.results {
+    let (items, read_failure) = source::items(reader, config.format);
+    let setup = RunSetup {
+        results: config.results.as_deref(),
+        progress_bar: config.progress_bar,
+        clear_bar_for_output: config.clear_bar_for_output,
+        journal: config.journal.as_ref(),
+        max_run: config.max_run,
+        rules: &config.rules,
+        deadline: config.deadline,
+        endless_input: config.input.as_os_str() == "-",
+    };
+    let runner = ProcessRunner::new(config.kill_after);
+    let summary = run_items(&setup, &config.template, &runner, items).await?;
+    if let Some(error) = read_failure.take() {
+        return Err(error)
+            .context("failed to read the input, so items after the error did not run");
+    }
+    Ok(summary)
+}
+
+/// Runs `items` with the jobs of `jobs` through `runner`, with signals,
+/// the results file, the progress display and the journal that `setup`
+/// asks for, then prints the summary to stderr.
+///
+/// # Errors
+///
+/// Fails when the results file or the journal cannot be opened, and when
+/// writing stdout, the results file or the journal fails.
+pub async fn run_items<J, R, S>(
+    setup: &RunSetup<'_>,
+    jobs: &J,
+    runner: &R,
+    items: S,
+) -> anyhow::Result<Summary>
+where
+    J: MakeJob<Job = R::Job>,
+    R: Runner,
+    S: Stream<Item = Item>,
+{
+    let signals = Signals::install().context("cannot install the SIGINT and SIGTERM handlers")?;
+    let results = match setup.results {
         Some(path) => Some(
             ResultsWriter::append_to(path)
                 .with_context(|| format!("cannot open results file '{}'", path.display()))?,
         ),
         None => None,
     };
-    let progress = if config.progress_bar {
+    let progress = if setup.progress_bar {
         Progress::bar()
     } else {
         Progress::log(Box::new(std::io::stderr()))
     };
 
-    let (items, read_failure) = source::items(reader, config.format);
     // Fused, because after an early stop the items left are read to record
     // them as not started, and the input may have ended already.
     let mut items = pin!(items.fuse());
@@ -115,7 +178,7 @@ pub async fn run(config: &Config) -> anyhow::Result<Summary> {
     // The bar can be cleared only around a blocking write. Such a write
     // stalls the runtime, and so the reading of other commands' output,
     // while the terminal is paused (Ctrl-S) or shows a large output.
-    let terminal_stdout = config
+    let terminal_stdout = setup
         .clear_bar_for_output
         .then(|| TerminalStdout(Box::new(std::io::stdout())));
     let mut sinks = Sinks {
@@ -124,26 +187,24 @@ pub async fn run(config: &Config) -> anyhow::Result<Summary> {
         results,
         progress,
     };
-    let journal = match &config.journal {
+    let journal = match setup.journal {
         Some(journal_config) => Some(journal::open(journal_config).await?),
         None => None,
     };
-    let runner = ProcessRunner::new(config.kill_after);
     let stop = Stop::default();
-    let (template, max_run, rules) = (&config.template, config.max_run, &config.rules);
     let processing = process(
-        template,
-        max_run,
-        rules,
+        jobs,
+        setup.max_run,
+        setup.rules,
         &stop,
-        &runner,
+        runner,
         items.as_mut(),
         &mut sinks,
         journal.as_ref(),
     );
     let processed = tokio::select! {
         summary = processing => summary,
-        never = signals.watch(&stop, config.deadline, runner.gauge()) => match never {},
+        never = signals.watch(&stop, setup.deadline, runner.gauge()) => match never {},
     };
     // A run that stopped early finished without an error, but the journal
     // must still say that it did not complete.
@@ -159,10 +220,11 @@ pub async fn run(config: &Config) -> anyhow::Result<Summary> {
     };
     let mut summary = processed?;
     closed?;
+    summary.what_ran = Some(runner.what_runs());
     if stop.level() >= StopLevel::Soon {
         summary.stopped = stop.cause();
         // Standard input may never end, so only a file is read to the end.
-        if config.input.as_os_str() == "-" {
+        if setup.endless_input {
             summary.input_left_unread = true;
         } else {
             summary.not_started = record_not_started(items, &mut sinks, stop.cause()).await?;
@@ -170,11 +232,6 @@ pub async fn run(config: &Config) -> anyhow::Result<Summary> {
     }
     // A closed stderr must not turn a finished run into a failure.
     let _ = writeln!(std::io::stderr(), "{summary}");
-
-    if let Some(error) = read_failure.take() {
-        return Err(error)
-            .context("failed to read the input, so items after the error did not run");
-    }
     Ok(summary)
 }
 
@@ -193,8 +250,8 @@ pub async fn run(config: &Config) -> anyhow::Result<Summary> {
 // The journal, the rules and the stop signal are separate inputs that
 // callers and tests pass one by one, so a parameter struct would add nothing.
 #[allow(clippy::too_many_arguments)]
-pub async fn process<R, S, W, F>(
-    template: &Template,
+pub async fn process<J, R, S, W, F>(
+    template: &J,
     max_run: NonZeroUsize,
     rules: &ItemRules,
     stop: &Stop,
@@ -204,6 +261,7 @@ pub async fn process<R, S, W, F>(
     journal: Option<&Journal>,
 ) -> anyhow::Result<Summary>
 where
+    J: MakeJob<Job = R::Job>,
     R: Runner,
     S: Stream<Item = Item>,
     W: AsyncWrite + Unpin,
@@ -302,10 +360,10 @@ where
 /// run. With a journal, the item is marked running before its command
 /// starts, each retry is recorded, and its end is recorded after the last
 /// attempt. The `Err` side marks the item as failed for the backlog's counts.
-async fn run_item<R: Runner, W, F: Write>(
+async fn run_item<J: MakeJob<Job = R::Job>, R: Runner, W, F: Write>(
     item: Item,
     permit: OwnedPermit,
-    template: &Template,
+    template: &J,
     attempts: &Attempts<'_, R>,
     stop: StopWatch,
     state: &Mutex<SinkState<'_, W, F>>,
@@ -341,9 +399,10 @@ async fn run_item<R: Runner, W, F: Write>(
 
     // The first journal error of a retry, reported once the item ends.
     let retry_error: RefCell<Option<JournalError>> = RefCell::new(None);
-    let (result, outcome) = match job_for(&item, template) {
+    let (result, outcome) = match template.job_for(&item) {
         Ok(job) => {
-            let (index, line) = (item.index, item.line);
+            let (index, place) = (item.index, item.place());
+            let place = place.as_str();
             let (key, retry_error) = (key.as_deref(), &retry_error);
             let notify = move |event: RetryEvent| async move {
                 if let (Some(journal), Some(key)) = (journal, key) {
@@ -353,7 +412,7 @@ async fn run_item<R: Runner, W, F: Write>(
                 }
                 if let RetryEvent::Waiting(notice) = &event {
                     let mut state = state.lock().await;
-                    state.sinks.progress.retrying(index, line, notice);
+                    state.sinks.progress.retrying(index, place, notice);
                 }
             };
             attempts.run(job, permit, stop, notify).await
@@ -425,16 +484,22 @@ fn attempt_end(result: &ItemResult, outcome: &ItemOutcome) -> AttemptEnd {
     }
 }
 
-fn job_for(item: &Item, template: &Template) -> Result<Job, String> {
-    if let ItemKind::Malformed { reason, .. } = &item.kind {
-        return Err(reason.clone());
+impl MakeJob for Template {
+    type Job = Job;
+
+    fn job_for(&self, item: &Item) -> Result<Job, String> {
+        match &item.kind {
+            ItemKind::Malformed { reason, .. } | ItemKind::Unsendable { reason, .. } => {
+                return Err(reason.clone())
+            }
+            ItemKind::Mail(_) => return Err("an email is not a command's item".to_owned()),
+            ItemKind::Text(_) | ItemKind::Json(_) => {}
+        }
+        let argv = self.render(&item.kind).map_err(|error| error.to_string())?;
+        let mut stdin = template::item_text(&item.kind).into_bytes();
+        stdin.push(b'\n');
+        Ok(Job { argv, stdin })
     }
-    let argv = template
-        .render(&item.kind)
-        .map_err(|error| error.to_string())?;
-    let mut stdin = template::item_text(&item.kind).into_bytes();
-    stdin.push(b'\n');
-    Ok(Job { argv, stdin })
 }
 
 /// Sends one outcome to the sinks and applies `--halt` to it. After the
@@ -556,17 +621,17 @@ impl<W: AsyncWrite + Unpin, F: Write> Sinks<W, F> {
                 return Ok(());
             }
             Journaled::Failed { error, ran: false } => {
-                let line = item.line;
+                let place = item.place();
                 return Err(anyhow::Error::new(error.clone()))
-                    .with_context(|| format!("cannot start the item of line {line}"));
+                    .with_context(|| format!("cannot start the item of {place}"));
             }
             Journaled::Recorded | Journaled::Failed { ran: true, .. } => {}
         }
         self.write_outcome(item, result, outcome, running).await?;
         if let Journaled::Failed { error, .. } = journal {
-            let line = item.line;
+            let place = item.place();
             return Err(anyhow::Error::new(error.clone())).with_context(|| {
-                format!("the item of line {line} finished, but the journal does not record it")
+                format!("the item of {place} finished, but the journal does not record it")
             });
         }
         Ok(())

@@ -15,6 +15,7 @@ use tokio::process::{Child, ChildStdin, Command};
 use crate::capture::{self, CapturedOutput};
 use crate::duration::format_duration;
 use crate::group::{collect_or_terminate, Termination};
+use crate::source::Item;
 
 /// How many of the last lines of a command's standard error are kept.
 pub const STDERR_TAIL_LINES: usize = 10;
@@ -51,6 +52,24 @@ pub struct ItemResult {
     pub error: Option<String>,
     /// The reason `backlog` terminated the command, if it did.
     pub terminated: Option<Termination>,
+    /// Each recipient's last reply, when the item is an email. An email
+    /// succeeded when every recipient got a 2xx reply.
+    pub recipients: Vec<RecipientReply>,
+    /// Whether the failure is temporary, as an SMTP 4xx reply is, so that a
+    /// retry may succeed whatever `--retry-on-exit` says.
+    pub temporary: bool,
+}
+
+/// One recipient's last reply from the SMTP server.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RecipientReply {
+    /// The recipient's address.
+    pub address: String,
+    /// The reply code, or `None` when no reply came (the connection was
+    /// refused or dropped, or the attempt was not made yet).
+    pub code: Option<u16>,
+    /// The reply's text, or the reason no reply came.
+    pub message: String,
 }
 
 /// Counts the commands running now and the maximum seen running at once.
@@ -67,18 +86,39 @@ pub struct GaugeGuard<'a> {
     gauge: &'a Gauge,
 }
 
-/// Runs the command of one item.
+/// Makes the job of an item: what a `Runner` runs for it.
+pub trait MakeJob {
+    /// The job a runner takes.
+    type Job;
+
+    /// Makes the job of `item`, or the reason it cannot run.
+    ///
+    /// # Errors
+    ///
+    /// Fails for a malformed item, or one that lacks what the job needs.
+    fn job_for(&self, item: &Item) -> Result<Self::Job, String>;
+}
+
+/// Runs the work of one item: a command, or an SMTP delivery.
 pub trait Runner {
+    /// One attempt's work, cloned for each attempt.
+    type Job: Clone;
+
     /// Runs `job` to completion, or until `terminate` resolves, and reports
     /// any failure in the result.
     fn run(
         &self,
-        job: Job,
+        job: Self::Job,
         terminate: impl Future<Output = Termination>,
     ) -> impl Future<Output = ItemResult>;
 
-    /// Returns the counter of commands running at once.
+    /// Returns the counter of commands (or sessions) running at once.
     fn gauge(&self) -> &Gauge;
+
+    /// Returns what runs, as the summary names it.
+    fn what_runs(&self) -> &'static str {
+        "command"
+    }
 }
 
 /// Runs each item as a child process, with no shell in between, in a
@@ -101,6 +141,11 @@ impl ItemResult {
     /// Returns whether the item succeeded: its command exited with status 0
     /// by itself.
     pub fn is_ok(&self) -> bool {
+        if !self.recipients.is_empty() {
+            return self.error.is_none()
+                && self.terminated.is_none()
+                && self.recipients.iter().all(RecipientReply::is_ok);
+        }
         self.error.is_none() && self.terminated.is_none() && self.exit_code == Some(0)
     }
 
@@ -116,11 +161,41 @@ impl ItemResult {
         if let Some(error) = &self.error {
             return Some(error.clone());
         }
+        if !self.recipients.is_empty() {
+            let failed: Vec<String> = self
+                .recipients
+                .iter()
+                .filter(|reply| !reply.is_ok())
+                .map(RecipientReply::to_string)
+                .collect();
+            return (!failed.is_empty()).then(|| failed.join("; "));
+        }
         match (self.exit_code, self.signal) {
             (Some(0), _) => None,
             (Some(code), _) => Some(format!("exit status {code}")),
             (None, Some(signal)) => Some(format!("killed by signal {signal}")),
             (None, None) => Some("exited without a status".to_owned()),
+        }
+    }
+}
+
+impl RecipientReply {
+    /// Returns whether the server accepted the message for this recipient.
+    pub fn is_ok(&self) -> bool {
+        self.code.is_some_and(|code| (200..300).contains(&code))
+    }
+
+    /// Returns whether a later attempt may succeed: no reply, or a 4xx one.
+    pub fn is_temporary(&self) -> bool {
+        self.code.is_none_or(|code| (400..500).contains(&code))
+    }
+}
+
+impl std::fmt::Display for RecipientReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.code {
+            Some(code) => write!(f, "{}: {code} {}", self.address, self.message),
+            None => write!(f, "{}: {}", self.address, self.message),
         }
     }
 }
@@ -162,6 +237,8 @@ impl ProcessRunner {
 }
 
 impl Runner for ProcessRunner {
+    type Job = Job;
+
     async fn run(&self, job: Job, terminate: impl Future<Output = Termination>) -> ItemResult {
         let started = Instant::now();
         let mut child = match spawn(&job.argv) {
@@ -314,6 +391,8 @@ impl<F: Fn(&Job) -> (Duration, ItemResult)> MockRunner<F> {
 
 #[cfg(test)]
 impl<F: Fn(&Job) -> (Duration, ItemResult)> Runner for MockRunner<F> {
+    type Job = Job;
+
     /// Replies after the delay, or as a command killed by SIGTERM once
     /// `terminate` resolves.
     async fn run(&self, job: Job, terminate: impl Future<Output = Termination>) -> ItemResult {

@@ -11,6 +11,7 @@ mod file_limit;
 mod group;
 mod halt;
 mod journal;
+mod mail;
 mod outcome;
 mod progress;
 mod results;
@@ -73,19 +74,35 @@ fn main() -> ExitCode {
     }
 }
 
+/// The validated settings of the subcommand that works through a backlog.
+#[derive(Debug)]
+enum Work {
+    Run(Config),
+    Mail(mail::MailConfig),
+}
+
 /// Parses the arguments and runs the subcommand.
 fn run() -> anyhow::Result<ExitCode> {
-    let args = match parse_args().command {
-        Command::Run(args) => *args,
+    let (max_run, config) = match parse_args().command {
+        Command::Run(args) => {
+            let config = Config::from_args(*args)?;
+            (config.max_run, Work::Run(config))
+        }
+        Command::Mail(args) => {
+            let config = mail::MailConfig::from_args(*args)?;
+            (config.max_run, Work::Mail(config))
+        }
         Command::Status(args) => return status::run(&args).map(|()| ExitCode::SUCCESS),
     };
-    let config = Config::from_args(args)?;
-    file_limit::ensure_room_for(config.max_run)?;
+    file_limit::ensure_room_for(max_run)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let summary = runtime.block_on(engine::run(&config));
+    let summary = match &config {
+        Work::Run(config) => runtime.block_on(engine::run(config)),
+        Work::Mail(config) => runtime.block_on(mail::run(config)),
+    };
     // Tokio reads standard input on a blocking thread that may still be
     // waiting for a line, and waiting for that thread would hang the exit.
     runtime.shutdown_background();

@@ -14,7 +14,7 @@ use crate::exec::ItemResult;
 use crate::journal::Skip;
 use crate::outcome::ItemOutcome;
 use crate::retry::RetryNotice;
-use crate::source::{Item, ItemKind};
+use crate::source::Item;
 use crate::stop::StopCause;
 
 /// How many failed items the summary lists.
@@ -75,6 +75,8 @@ pub struct Summary {
     pub wall_time: Duration,
     /// The maximum number of commands seen running at once.
     pub max_running: usize,
+    /// What ran: `command` by default, or `SMTP session`.
+    pub what_ran: Option<&'static str>,
 }
 
 /// A failed item as the summary lists it.
@@ -82,6 +84,8 @@ pub struct Summary {
 pub struct Failure {
     /// The 1-based line number of the item.
     pub line: u64,
+    /// Where the item is, as `line N` or an email's file.
+    pub place: String,
     /// The reason it failed.
     pub reason: String,
 }
@@ -158,8 +162,12 @@ impl Progress {
                 let error = printable(error, MAX_SHOWN_BYTES);
                 let reason = format!("failed in an earlier run: {error}");
                 if summary.failures.len() < SUMMARY_FAILURES {
-                    let (line, reason) = (item.line, reason.clone());
-                    summary.failures.push(Failure { line, reason });
+                    let (line, place, reason) = (item.line, item.place(), reason.clone());
+                    summary.failures.push(Failure {
+                        line,
+                        place,
+                        reason,
+                    });
                 }
                 reason
             }
@@ -169,8 +177,8 @@ impl Progress {
             }
         };
         let elapsed = self.started.elapsed().as_secs_f64();
-        let (index, line) = (item.index, item.line);
-        let text = format!("{elapsed:>6.2}s  skip   #{index} line {line}: {reason}");
+        let (index, place) = (item.index, item.place());
+        let text = format!("{elapsed:>6.2}s  skip   #{index} {place}: {reason}");
         match &mut self.view {
             View::Bar(bar) => {
                 if matches!(skip, Skip::Failed { .. }) {
@@ -182,8 +190,8 @@ impl Progress {
         self.refresh(running);
     }
 
-    /// Shows that item `index`, from input line `line`, waits to retry.
-    pub fn retrying(&mut self, index: u64, line: u64, notice: &RetryNotice) {
+    /// Shows that item `index`, at `place` in the input, waits to retry.
+    pub fn retrying(&mut self, index: u64, place: &str, notice: &RetryNotice) {
         let elapsed = self.started.elapsed().as_secs_f64();
         let RetryNotice {
             failure,
@@ -194,7 +202,7 @@ impl Progress {
         let delay = format_duration(*delay);
         let failure = printable(failure, MAX_SHOWN_BYTES);
         let text = format!(
-            "{elapsed:>6.2}s  retry  #{index} line {line}: {failure}; attempt {attempt} of {max_attempts} in {delay}"
+            "{elapsed:>6.2}s  retry  #{index} {place}: {failure}; attempt {attempt} of {max_attempts} in {delay}"
         );
         match &mut self.view {
             View::Bar(bar) => bar.println(text),
@@ -252,13 +260,17 @@ impl Progress {
             ItemOutcome::Done { .. } | ItemOutcome::Failed { .. } => {}
         }
         summary.failed += 1;
-        if matches!(item.kind, ItemKind::Malformed { .. }) {
+        if item.is_malformed() {
             summary.malformed += 1;
         }
         if summary.failures.len() < SUMMARY_FAILURES {
-            let line = item.line;
+            let (line, place) = (item.line, item.place());
             let reason = reason.to_owned();
-            summary.failures.push(Failure { line, reason });
+            summary.failures.push(Failure {
+                line,
+                place,
+                reason,
+            });
         }
     }
 
@@ -270,7 +282,7 @@ impl Progress {
         failure: Option<&str>,
     ) -> String {
         let elapsed = self.started.elapsed().as_secs_f64();
-        let (index, line) = (item.index, item.line);
+        let (index, place) = (item.index, item.place());
         let attempts = outcome.attempts();
         let Some(reason) = failure else {
             let duration = result.duration.as_secs_f64();
@@ -279,14 +291,14 @@ impl Progress {
             } else {
                 String::new()
             };
-            return format!("{elapsed:>6.2}s  ok     #{index} line {line} ({duration:.2}s{tries})");
+            return format!("{elapsed:>6.2}s  ok     #{index} {place} ({duration:.2}s{tries})");
         };
         let tag = match outcome {
             ItemOutcome::NotStarted { .. } => "SKIP  ",
             ItemOutcome::Interrupted { .. } => "KILLED",
             _ => "FAILED",
         };
-        format!("{elapsed:>6.2}s  {tag} #{index} line {line}: {reason}")
+        format!("{elapsed:>6.2}s  {tag} #{index} {place}: {reason}")
     }
 }
 
@@ -371,10 +383,11 @@ impl fmt::Display for Summary {
         }
         self.fmt_skipped(f)?;
         let wall_time = self.wall_time.as_secs_f64();
+        let what = self.what_ran.unwrap_or("command");
         let commands = if self.max_running == 1 {
-            "command"
+            what.to_owned()
         } else {
-            "commands"
+            format!("{what}s")
         };
         write!(f, ", wall time {wall_time:.2}s")?;
         write!(f, ", at most {} {commands} ran at once", self.max_running)?;
@@ -440,7 +453,7 @@ impl Summary {
             write!(f, "\nfailed items:")?;
         }
         for failure in &self.failures {
-            write!(f, "\n  line {}: {}", failure.line, failure.reason)?;
+            write!(f, "\n  {}: {}", failure.place, failure.reason)?;
         }
         if self.skipped_failed > 0 {
             write!(
@@ -455,6 +468,7 @@ impl Summary {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::source::ItemKind;
 
     fn outcome_of(result: &ItemResult) -> ItemOutcome {
         ItemOutcome::from_last_attempt(result, 1, None)

@@ -9,7 +9,7 @@ use std::path::Path;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::exec::ItemResult;
+use crate::exec::{ItemResult, RecipientReply};
 use crate::outcome::ItemOutcome;
 use crate::source::{Item, ItemKind};
 
@@ -38,6 +38,9 @@ struct Record<'a> {
     duration_ms: f64,
     stderr_tail: &'a [String],
     error: Option<String>,
+    /// Each recipient's last SMTP reply, for an email.
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    recipients: &'a [RecipientReply],
 }
 
 /// The item as it appears in a record: a string for a line of text or a
@@ -134,6 +137,8 @@ impl<'a> Record<'a> {
             ItemKind::Text(text) => RecordItem::Text(text),
             ItemKind::Json(value) => RecordItem::Json(value),
             ItemKind::Malformed { raw, .. } => RecordItem::Text(raw),
+            ItemKind::Mail(envelope) => RecordItem::Json(envelope.description()),
+            ItemKind::Unsendable { place, .. } => RecordItem::Text(place),
         };
         Record {
             index: item.index,
@@ -147,6 +152,7 @@ impl<'a> Record<'a> {
             duration_ms: result.duration.as_secs_f64() * 1000.0,
             stderr_tail: &result.stderr_tail,
             error: outcome.reason(),
+            recipients: &result.recipients,
         }
     }
 }

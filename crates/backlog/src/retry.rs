@@ -11,7 +11,7 @@ use std::time::Duration;
 use deferred_semaphore::{DeferredSemaphore, OwnedPermit};
 
 use crate::duration::format_duration;
-use crate::exec::{ItemResult, Job, Runner};
+use crate::exec::{ItemResult, Runner};
 use crate::group::Termination;
 use crate::outcome::ItemOutcome;
 use crate::stop::{StopLevel, StopWatch};
@@ -111,6 +111,9 @@ impl RetryPolicy {
     /// retried. Commands that could not start and commands the run killed
     /// are never retried.
     pub fn is_retryable(&self, result: &ItemResult) -> bool {
+        if result.temporary && !result.is_ok() {
+            return result.terminated != Some(Termination::Stopped);
+        }
         if result.is_ok() || result.error.is_some() {
             return false;
         }
@@ -147,7 +150,7 @@ impl<R: Runner> Attempts<'_, R> {
     /// attempt starts: a retry that is still waiting ends as not started.
     pub async fn run<N, NF>(
         &self,
-        job: Job,
+        job: R::Job,
         permit: OwnedPermit,
         stop: StopWatch,
         notify: N,

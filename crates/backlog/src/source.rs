@@ -49,6 +49,17 @@ pub struct Item {
 /// The content of an item.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ItemKind {
+    /// One envelope of an email message: the message and its recipients in
+    /// one domain, for `backlog mail`.
+    Mail(std::sync::Arc<crate::mail::message::Envelope>),
+    /// A message of `backlog mail` that cannot be sent, with the reason.
+    Unsendable {
+        /// Where the message is: its file, and its number in an mbox or its
+        /// line in JSON Lines.
+        place: String,
+        /// The reason it cannot be sent.
+        reason: String,
+    },
     /// A line of text, without its line ending.
     Text(String),
     /// A JSON object.
@@ -60,6 +71,26 @@ pub enum ItemKind {
         /// The reason the line is not an item.
         reason: String,
     },
+}
+
+impl Item {
+    /// Returns where the item is in the input, as progress and the summary
+    /// show it: `line N`, or the file (and message) of an email.
+    pub fn place(&self) -> String {
+        match &self.kind {
+            ItemKind::Mail(envelope) => envelope.place(),
+            ItemKind::Unsendable { place, .. } => place.clone(),
+            _ => format!("line {}", self.line),
+        }
+    }
+
+    /// Returns whether the item could not be read as an item at all.
+    pub fn is_malformed(&self) -> bool {
+        matches!(
+            self.kind,
+            ItemKind::Malformed { .. } | ItemKind::Unsendable { .. }
+        )
+    }
 }
 
 /// A slot that receives the error that ended reading early, if any.

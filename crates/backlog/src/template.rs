@@ -190,6 +190,8 @@ pub fn item_text(item: &ItemKind) -> String {
         ItemKind::Text(line) => line.clone(),
         ItemKind::Json(value) => value.to_string(),
         ItemKind::Malformed { raw, .. } => raw.clone(),
+        ItemKind::Mail(envelope) => envelope.place(),
+        ItemKind::Unsendable { place, .. } => place.clone(),
     }
 }
 

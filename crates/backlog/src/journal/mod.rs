@@ -54,6 +54,8 @@ pub struct JournalConfig {
 pub enum KeyRule {
     /// The SHA-256 of the item's text, in hexadecimal.
     Hash,
+    /// The key an email's envelope carries, described by the text.
+    Given(String),
     /// A template rendered with the item, as the command's arguments are.
     Template {
         /// The template as given to `--key`.
@@ -218,6 +220,7 @@ impl KeyRule {
         match self {
             KeyRule::Hash => "the SHA-256 of each item (no --key)".to_owned(),
             KeyRule::Template { source, .. } => format!("--key '{source}'"),
+            KeyRule::Given(description) => description.clone(),
         }
     }
 
@@ -228,10 +231,13 @@ impl KeyRule {
     ///
     /// Fails when the key template names a field the item does not have.
     pub fn key(&self, item: &ItemKind) -> Result<Option<String>, String> {
-        if matches!(item, ItemKind::Malformed { .. }) {
-            return Ok(None);
+        match item {
+            ItemKind::Malformed { .. } | ItemKind::Unsendable { .. } => return Ok(None),
+            ItemKind::Mail(envelope) => return Ok(Some(envelope.key.clone())),
+            ItemKind::Text(_) | ItemKind::Json(_) => {}
         }
         match self {
+            KeyRule::Given(_) => Ok(None),
             // A JSON item hashes re-serialised with its keys sorted, so that
             // spacing and key order do not change its key.
             KeyRule::Hash => {

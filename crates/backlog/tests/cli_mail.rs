@@ -1,0 +1,440 @@
+//! `backlog mail` against a real SMTP server: `tests/smtp_sink.py`, an
+//! aiosmtpd sink on a free loopback port that logs every delivery with its
+//! counts of open sessions, and injects faults by recipient address.
+//!
+//! The tests skip, with a printed reason, when python3 or aiosmtpd is
+//! missing, unless `BACKLOG_REQUIRE_SERVERS=1`, which makes them fail.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// A running sink server, stopped when dropped.
+struct Sink {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Sink {
+    /// Starts the sink with `data_delay` seconds before each DATA reply, or
+    /// returns `None` after printing why it cannot run.
+    fn start(dir: &Path, data_delay: f64) -> Option<Sink> {
+        let available = Command::new("python3")
+            .args(["-c", "import aiosmtpd"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success());
+        if !available {
+            let reason = "python3 with aiosmtpd is missing (python3 -m pip install aiosmtpd)";
+            if std::env::var("BACKLOG_REQUIRE_SERVERS").as_deref() == Ok("1") {
+                panic!("BACKLOG_REQUIRE_SERVERS=1 but {reason}");
+            }
+            eprintln!("skipped: {reason}");
+            return None;
+        }
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/smtp_sink.py");
+        let log = dir.join("sink.jsonl");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .arg(&log)
+            .args(["--data-delay", &data_delay.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("cannot start the sink");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line
+            .strip_prefix("READY ")
+            .and_then(|port| port.trim().parse().ok())
+            .unwrap_or_else(|| panic!("the sink did not start: {line:?}"));
+        Some(Sink { child, port, log })
+    }
+
+    fn url(&self) -> String {
+        format!("smtp://127.0.0.1:{}", self.port)
+    }
+
+    /// Returns the deliveries logged so far.
+    fn deliveries(&self) -> Vec<Value> {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        text.lines()
+            .filter(|line| line.ends_with('}'))
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    }
+
+    /// Returns how many times each recipient got each Message-ID.
+    fn received(&self) -> BTreeMap<(String, String), usize> {
+        let mut received = BTreeMap::new();
+        for delivery in self.deliveries() {
+            let id = delivery["message_id"].as_str().unwrap_or("").to_owned();
+            for rcpt in delivery["rcpt_tos"].as_array().unwrap() {
+                let key = (id.clone(), rcpt.as_str().unwrap().to_owned());
+                *received.entry(key).or_insert(0) += 1;
+            }
+        }
+        received
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn mail(dir: &Path, args: &[&str]) -> Output {
+    Command::new(assert_cmd::cargo::cargo_bin!("backlog"))
+        .current_dir(dir)
+        .arg("mail")
+        .args(args)
+        .env_remove("BACKLOG_SMTP_USERNAME")
+        .env_remove("BACKLOG_SMTP_PASSWORD")
+        .output()
+        .unwrap()
+}
+
+fn write_message(dir: &Path, name: &str, id: &str, headers: &str) {
+    let text = format!(
+        "From: sender@origin.test\n{headers}\nMessage-ID: <{id}>\nSubject: {id}\n\nHello {id}.\n"
+    );
+    std::fs::write(dir.join(name), text).unwrap();
+}
+
+fn records(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+#[test]
+fn mail_limits_and_single_copies() {
+    let dir = TempDir::new().unwrap();
+    let Some(sink) = Sink::start(dir.path(), 0.1) else {
+        return;
+    };
+    let outbox = dir.path().join("outbox");
+    std::fs::create_dir(&outbox).unwrap();
+    let mut expected = BTreeSet::new();
+    for n in 0..30 {
+        let (a, b) = (["a", "b", "c"][n % 3], ["b", "c", "a"][n % 3]);
+        let to = format!("u{n}@{a}.test");
+        let bcc = format!("v{n}@{b}.test");
+        write_message(
+            &outbox,
+            &format!("{n:02}.eml"),
+            &format!("m{n}@origin.test"),
+            &format!("To: {to}\nBcc: {bcc}"),
+        );
+        expected.insert((format!("<m{n}@origin.test>"), to));
+        expected.insert((format!("<m{n}@origin.test>"), bcc));
+    }
+    // A hidden file is not read.
+    std::fs::write(outbox.join(".draft.eml"), "not a message").unwrap();
+
+    let url = sink.url();
+    let args = [
+        "--smtp",
+        &url,
+        "--max-run",
+        "5",
+        "--per-domain",
+        "2",
+        "--results",
+        "r.jsonl",
+        "outbox",
+    ];
+    let output = mail(dir.path(), &args);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("done 60, failed 0"), "{stderr}");
+
+    let received = sink.received();
+    let got: BTreeSet<_> = received.keys().cloned().collect();
+    assert_eq!(got, expected);
+    assert!(received.values().all(|&count| count == 1), "{received:?}");
+    let deliveries = sink.deliveries();
+    assert!(deliveries.iter().all(|d| d["bcc_header"] == false));
+    let last = deliveries.last().unwrap();
+    let max_sessions = last["max_sessions"].as_u64().unwrap();
+    assert!((3..=5).contains(&max_sessions), "{last}");
+    let per_domain = last["max_per_domain"].as_object().unwrap();
+    assert_eq!(per_domain.len(), 3, "{last}");
+    assert!(per_domain.values().all(|n| n.as_u64() <= Some(2)), "{last}");
+    assert!(per_domain.values().any(|n| n.as_u64() == Some(2)), "{last}");
+    assert_eq!(records(&dir.path().join("r.jsonl")).len(), 60);
+}
+
+#[test]
+fn mail_faults_get_their_outcome() {
+    let dir = TempDir::new().unwrap();
+    let Some(sink) = Sink::start(dir.path(), 0.0) else {
+        return;
+    };
+    let outbox = dir.path().join("outbox");
+    std::fs::create_dir(&outbox).unwrap();
+    let cases = ["temp-once", "reject", "busy-once", "drop-once", "slow"];
+    for (n, local) in cases.iter().enumerate() {
+        let headers = format!("To: {local}@d{n}.test");
+        write_message(
+            &outbox,
+            &format!("{n}.eml"),
+            &format!("f{n}@origin.test"),
+            &headers,
+        );
+    }
+    std::fs::write(
+        outbox.join("5.eml"),
+        "From: sender@origin.test\nSubject: x\n\nno recipient\n",
+    )
+    .unwrap();
+    std::fs::write(outbox.join("6.png"), b"\x89PNG\r\n\x1a\n\0\0").unwrap();
+    let mbox = "From x Mon Jan  1 00:00:00 2024\nFrom: s@origin.test\nTo: ok@m.test\nMessage-ID: <mb1@origin.test>\n\none\n\nFrom x Mon Jan  1 00:00:00 2024\nTo: ok@m.test\n\nno sender\n";
+    std::fs::write(outbox.join("7.mbox"), mbox).unwrap();
+    let merge = "{\"from\": \"s@origin.test\", \"to\": [\"j1@j.test\", \"reject@k.test\"], \"text\": \"hi\"}\n{\"from\": \"s@origin.test\"}\n";
+    std::fs::write(dir.path().join("merge.jsonl"), merge).unwrap();
+
+    let url = sink.url();
+    let common = [
+        "--smtp",
+        url.as_str(),
+        "--retry-delay",
+        "50ms",
+        "--timeout",
+        "700ms",
+        "--results",
+        "r.jsonl",
+    ];
+    let output = mail(dir.path(), &[&common[..], &["outbox"]].concat());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let output = mail(
+        dir.path(),
+        &[&common[..], &["--jsonl", "merge.jsonl"]].concat(),
+    );
+    assert_eq!(output.status.code(), Some(1));
+
+    let by_place: BTreeMap<String, Value> = records(&dir.path().join("r.jsonl"))
+        .into_iter()
+        .map(|r| {
+            let place = match &r["item"] {
+                Value::String(place) => place.clone(),
+                item => format!(
+                    "{} {}",
+                    item["file"].as_str().unwrap(),
+                    item["domain"].as_str().unwrap()
+                ),
+            };
+            (place, r)
+        })
+        .collect();
+    let outcome = |place: &str| {
+        let r = by_place
+            .get(place)
+            .unwrap_or_else(|| panic!("no record of {place}: {by_place:?}"));
+        (
+            r["outcome"].as_str().unwrap().to_owned(),
+            r["attempts"].as_u64().unwrap(),
+            r["error"].clone(),
+        )
+    };
+    assert_eq!(outcome("outbox/0.eml d0.test").0, "done");
+    assert_eq!(outcome("outbox/0.eml d0.test").1, 2);
+    let (rejected, attempts, error) = outcome("outbox/1.eml d1.test");
+    assert_eq!((rejected.as_str(), attempts), ("failed", 1));
+    assert_eq!(error, "reject@d1.test: 550 5.1.1 no such user");
+    let record = &by_place["outbox/1.eml d1.test"];
+    assert_eq!(record["recipients"][0]["code"], 550);
+    assert_eq!(outcome("outbox/2.eml d2.test").0, "done");
+    assert_eq!(outcome("outbox/2.eml d2.test").1, 2);
+    assert_eq!(outcome("outbox/3.eml d3.test").0, "done");
+    assert_eq!(outcome("outbox/3.eml d3.test").1, 2);
+    assert_eq!(outcome("outbox/4.eml d4.test").0, "timed_out");
+    assert_eq!(
+        outcome("outbox/5.eml").2,
+        "no recipient: no address in To, Cc or Bcc"
+    );
+    assert_eq!(
+        outcome("outbox/6.png").2,
+        "not an email message: its first line is not a header"
+    );
+    assert_eq!(outcome("outbox/7.mbox m.test").0, "done");
+    assert_eq!(outcome("outbox/7.mbox message 2").2, "no From header");
+    assert_eq!(outcome("merge.jsonl j.test").0, "done");
+    assert_eq!(outcome("merge.jsonl k.test").0, "failed");
+    assert_eq!(
+        outcome("merge.jsonl line 2").2,
+        "no recipient: no address in To, Cc or Bcc"
+    );
+
+    let received = sink.received();
+    let count = |address: &str| {
+        received
+            .iter()
+            .filter(|((_, rcpt), _)| rcpt == address)
+            .map(|(_, n)| n)
+            .sum::<usize>()
+    };
+    for address in [
+        "temp-once@d0.test",
+        "busy-once@d2.test",
+        "drop-once@d3.test",
+        "ok@m.test",
+        "j1@j.test",
+    ] {
+        assert_eq!(count(address), 1, "{address}: {received:?}");
+    }
+    assert_eq!(count("reject@d1.test"), 0);
+}
+
+#[test]
+fn mail_rejects_a_password_in_the_url() {
+    let dir = TempDir::new().unwrap();
+    std::fs::write(
+        dir.path().join("a.eml"),
+        "From: a@x.test\nTo: b@y.test\n\nhi\n",
+    )
+    .unwrap();
+    let output = mail(
+        dir.path(),
+        &["--smtp", "smtp://me:hunter2@127.0.0.1:25", "a.eml"],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("BACKLOG_SMTP_PASSWORD"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}
+
+#[test]
+fn mail_journal_rerun_after_sigkill() {
+    const MESSAGES: usize = 80;
+    const MAX_RUN: usize = 4;
+    let dir = TempDir::new().unwrap();
+    let Some(sink) = Sink::start(dir.path(), 0.03) else {
+        return;
+    };
+    let outbox = dir.path().join("outbox");
+    std::fs::create_dir(&outbox).unwrap();
+    for n in 0..MESSAGES {
+        let headers = format!("To: r{n}@d{}.test", n % 4);
+        write_message(
+            &outbox,
+            &format!("{n:03}.eml"),
+            &format!("k{n}@origin.test"),
+            &headers,
+        );
+    }
+    let url = sink.url();
+    let args = [
+        "mail",
+        "--smtp",
+        &url,
+        "--max-run",
+        "4",
+        "--journal",
+        "j.db",
+        "outbox",
+    ];
+    let mut kills = 0;
+    let started = Instant::now();
+    for target in [15, 40] {
+        let mut child = Command::new(assert_cmd::cargo::cargo_bin!("backlog"))
+            .current_dir(dir.path())
+            .args(args)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        while sink.deliveries().len() < target && started.elapsed() < Duration::from_secs(30) {
+            sleep(Duration::from_millis(5));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        kills += 1;
+    }
+    let output = mail(dir.path(), &args[1..]);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let received = sink.received();
+    assert_eq!(received.len(), MESSAGES, "every message arrives");
+    let extra: usize = received.values().map(|n| n - 1).sum();
+    assert!(
+        extra <= kills * MAX_RUN,
+        "{extra} extra copies after {kills} kills"
+    );
+}
+
+#[test]
+fn mail_cpython_email_test_data() {
+    let data = Path::new("/root/.pyenv/versions/3.11.7/lib/python3.11/test/test_email/data");
+    if !data.is_dir() {
+        eprintln!("skipped: {} is missing", data.display());
+        return;
+    }
+    let dir = TempDir::new().unwrap();
+    let Some(sink) = Sink::start(dir.path(), 0.0) else {
+        return;
+    };
+    let url = sink.url();
+    let data_arg = data.to_str().unwrap();
+    let output = mail(
+        dir.path(),
+        &[
+            "--smtp",
+            &url,
+            "--retries",
+            "0",
+            "--results",
+            "r.jsonl",
+            data_arg,
+        ],
+    );
+    assert_eq!(output.status.code(), Some(1));
+    let records = records(&dir.path().join("r.jsonl"));
+    let mut files = BTreeSet::new();
+    let mut accepted = 0;
+    for record in &records {
+        match &record["item"] {
+            Value::String(place) => {
+                files.insert(place.split(' ').next().unwrap().to_owned());
+                let reason = record["error"].as_str().unwrap();
+                assert!(!reason.is_empty());
+            }
+            item => {
+                files.insert(item["file"].as_str().unwrap().to_owned());
+                assert_eq!(record["ok"], true, "{record}");
+                accepted += item["to"].as_array().unwrap().len();
+            }
+        }
+    }
+    let on_disk = std::fs::read_dir(data).unwrap().count();
+    assert_eq!(files.len(), on_disk, "every file has a record");
+    let delivered: usize = sink.received().values().sum();
+    assert_eq!(delivered, accepted);
+    let image = records.iter().find(|r| {
+        r["item"]
+            .as_str()
+            .is_some_and(|p| p.ends_with("python.png"))
+    });
+    assert_eq!(
+        image.unwrap()["error"],
+        "not an email message: its first line is not a header"
+    );
+}
