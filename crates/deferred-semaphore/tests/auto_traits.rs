@@ -24,7 +24,7 @@ use deferred_semaphore::{
     gather_results, Acquire, AcquireError, AcquireOwned, Backlog, DeferredList, DeferredLock,
     DeferredSemaphore, FailurePolicy, FireError, FireOnOneCallback, FireOnOneErrback, FirstError,
     FirstSuccess, ForEach, Gather, LimitError, Outcome, OwnedPermit, Permit, Report, Rest, Run,
-    StopReason, Threshold, TryAcquireError,
+    StopReason, Threshold, TryAcquireError, WithPermit,
 };
 use futures::stream::Iter;
 use static_assertions::assert_not_impl_any;
@@ -203,6 +203,7 @@ fn backlog_types_are_send_sync_unpin() {
     assert_all::<Backlog<DeferredSemaphore, Items, WorkFn>>();
     assert_all::<ForEachOf<WorkFn, Work, Ready<()>>>();
     assert_all::<ForEach<DeferredSemaphore, Items, WorkFn, Consumer, Work, Ready<()>>>();
+    assert_all::<WithPermit<fn(u8, OwnedPermit) -> Work>>();
 
     assert_all::<Outcome<u8, String>>();
     assert_all::<Report>();
