@@ -545,11 +545,17 @@ async fn consume<W, F>(
 
 fn announce_halt(rule: &str, level: StopLevel, running: usize) {
     let items = plural_items(running);
-    if level == StopLevel::Now {
-        eprintln!("--halt {rule} reached: killing {running} running {items}");
+    let what = if level == StopLevel::Now {
+        "killing"
     } else {
-        eprintln!("--halt {rule} reached: waiting for {running} running {items}");
-    }
+        "waiting for"
+    };
+    // Best effort, as the other progress lines: a closed stderr must not
+    // stop the run.
+    let _ = writeln!(
+        std::io::stderr(),
+        "--halt {rule} reached: {what} {running} running {items}"
+    );
 }
 
 /// Records each item left in `items` as not started in the results file,
