@@ -12,6 +12,8 @@
 //! | at most N at once, first come, first served | [`DeferredSemaphore`] |
 //! | one at a time | [`DeferredLock`] |
 //! | a long or endless list of items under a limit | [`Backlog`] |
+//! | at most N at once, and at most M per key (host, account) | [`KeyedSemaphore`] |
+//! | a backlog whose items each have a key, without head-of-line blocking | [`KeyedBacklog`] |
 //! | anything that hands out permits | the [`Limiter`] trait |
 //!
 //! # Features
@@ -112,6 +114,7 @@ mod acquire;
 mod backlog;
 mod core;
 mod error;
+mod keyed;
 mod limiter;
 mod list;
 mod lock;
@@ -124,10 +127,12 @@ mod sync;
 
 pub use acquire::{Acquire, AcquireOwned};
 pub use backlog::{
-    Backlog, FailurePolicy, ForEach, Outcome, Report, StartWork, StopReason, Threshold, WithPermit,
+    Backlog, FailurePolicy, ForEach, KeyOf, KeyedBacklog, KeyedForEach, Outcome, Report, StartWork,
+    StopReason, Threshold, WithPermit,
 };
 pub use error::{AcquireError, LimitError, TryAcquireError};
-pub use limiter::Limiter;
+pub use keyed::{KeyedAcquire, KeyedPermit, KeyedSemaphore};
+pub use limiter::{KeyedLimiter, Limiter};
 pub use list::{
     gather_results, DeferredList, FireError, FireOnOneCallback, FireOnOneErrback, FirstError,
     FirstSuccess, Gather, Rest,
