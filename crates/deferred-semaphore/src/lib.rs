@@ -20,6 +20,9 @@
 //!
 //! - `tokio`: adds [`DeferredSemaphore::spawn`][spawn], which starts work eagerly on
 //!   the tokio runtime, as Twisted's `run` does.
+//! - `rate`: adds `Rate`, `RateLimited` and `PerKeyRate`, rate limits (with
+//!   the GCRA of the `governor` crate) on top of any limiter, global or per
+//!   key. They sleep on tokio's timer, so they need a tokio runtime.
 //!
 //! Nothing else depends on a runtime: every future here works under any
 //! executor.
@@ -119,6 +122,8 @@ mod limiter;
 mod list;
 mod lock;
 mod permit;
+#[cfg(feature = "rate")]
+mod rate;
 mod run;
 mod semaphore;
 #[cfg(feature = "tokio")]
@@ -139,5 +144,7 @@ pub use list::{
 };
 pub use lock::DeferredLock;
 pub use permit::{OwnedPermit, Permit};
+#[cfg(feature = "rate")]
+pub use rate::{KeyedRateAcquire, PerKeyRate, Rate, RateAcquire, RateLimited};
 pub use run::Run;
 pub use semaphore::DeferredSemaphore;

@@ -267,3 +267,16 @@ fn errors_are_send_sync_static() {
     assert_unpin::<FireError<io::Error>>();
     assert_unpin::<FirstError<IoWork>>();
 }
+
+#[cfg(feature = "rate")]
+#[test]
+fn rate_types_are_send_sync_unpin() {
+    use deferred_semaphore::{KeyedRateAcquire, PerKeyRate, Rate, RateAcquire, RateLimited};
+
+    assert_all::<Rate>();
+    assert_all::<RateLimited<DeferredSemaphore>>();
+    assert_all::<RateAcquire<DeferredSemaphore>>();
+    assert_all::<PerKeyRate<KeyedSemaphore<String>, String>>();
+    assert_all::<KeyedRateAcquire<KeyedSemaphore<String>, String>>();
+    assert_all::<KeyedRateAcquire<RateLimited<KeyedSemaphore<String>>, String>>();
+}

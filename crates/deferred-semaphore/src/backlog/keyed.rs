@@ -137,9 +137,9 @@ pin_project! {
     /// # Cancel safety
     ///
     /// Dropping the future drops the work still running (each item's work is
-    /// dropped before its permit is given back), the pending acquires, the
-    /// outcomes not yet handed to the consumer and the items pulled into the
-    /// look-ahead window, which are lost. Items not yet pulled stay in the
+    /// dropped before its permit is given back), the pending acquires and
+    /// the outcomes not yet handed to the consumer. The items pulled into the
+    /// look-ahead window are lost, and items not yet pulled stay in the
     /// source.
     #[must_use = "futures do nothing unless you `.await` or poll them"]
     pub struct KeyedForEach<L, S, KF, F, C, Fut, CFut>
@@ -278,7 +278,7 @@ where
             }
 
             // Step 3: on a stop, drop what has not started, and cancel
-            // running work if the policy says now.
+            // running work if the policy requires a stop now.
             if this.progress.stopping() && (this.window.len > 0 || !this.acquiring.is_empty()) {
                 this.acquiring.clear();
                 for index in this.window.drain() {
