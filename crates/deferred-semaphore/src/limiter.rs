@@ -152,7 +152,7 @@ impl<L: Limiter + ?Sized> Limiter for std::sync::Arc<L> {
 ///
 /// [`KeyedBacklog`](crate::KeyedBacklog) asks for a permit for an item's
 /// key before it starts the item. [`KeyedSemaphore`] is a keyed limiter;
-/// [`RateLimited`](crate::RateLimited) (feature `rate`) adds a rate to one.
+/// `RateLimited` and `PerKeyRate` (feature `rate`) add a rate to one.
 ///
 /// # Examples
 ///
