@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::duration::{parse_duration, parse_positive_duration};
 use crate::halt::{parse_halt, Halt};
+use crate::limits::{parse_burst, parse_per_key, parse_rate, PerKeyArg, RateArg};
 use crate::retry::{parse_retry_delay, parse_retry_on, RetryOn};
 
 /// The values `--max-run` accepts.
@@ -115,6 +116,9 @@ pub struct RunArgs {
     pub command: Vec<String>,
 
     #[command(flatten)]
+    pub limits: LimitArgs,
+
+    #[command(flatten)]
     pub retry: RetryArgs,
 
     #[command(flatten)]
@@ -200,6 +204,35 @@ pub struct MailArgs {
     /// files with --jsonl.
     #[arg(value_name = "INPUT", required = true, num_args = 1..)]
     pub inputs: Vec<PathBuf>,
+}
+
+/// The limits per key and on the rate of starts.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Limits per key and rate")]
+pub struct LimitArgs {
+    /// Sets the maximum number of commands running at once per key, as
+    /// TEMPLATE=N. TEMPLATE takes the placeholders of COMMAND and renders
+    /// each item's key: `--per-key '{domain}=2'` with --jsonl runs at most
+    /// 2 commands per domain, within --max-run. An item whose key is at its
+    /// limit does not hold up items of other keys.
+    #[arg(long, value_name = "TEMPLATE=N", value_parser = parse_per_key)]
+    pub per_key: Option<PerKeyArg>,
+
+    /// Sets the maximum rate of command starts over all items, as N/s, N/m
+    /// or N/h. A command waiting for the rate does not take a --max-run
+    /// slot.
+    #[arg(long, value_name = "N/s", value_parser = parse_rate)]
+    pub rate: Option<RateArg>,
+
+    /// Sets the maximum rate of command starts per key of --per-key, as
+    /// N/s, N/m or N/h.
+    #[arg(long, value_name = "N/s", value_parser = parse_rate, requires = "per_key")]
+    pub per_key_rate: Option<RateArg>,
+
+    /// Sets how many commands may start at once after a pause, under
+    /// --rate and --per-key-rate.
+    #[arg(long, value_name = "N", default_value = "1", value_parser = parse_burst)]
+    pub burst: std::num::NonZeroU32,
 }
 
 /// The options that retry failed attempts.

@@ -12,6 +12,7 @@ use anyhow::{bail, Context};
 use crate::cli::RunArgs;
 use crate::halt::Halt;
 use crate::journal::JournalConfig;
+use crate::limits::KeyLimits;
 use crate::retry::RetryPolicy;
 use crate::source::Format;
 use crate::template::Template;
@@ -53,6 +54,8 @@ pub struct ItemRules {
     pub timeout: Option<Duration>,
     /// When failed items stop the run.
     pub halt: Halt,
+    /// `--per-key` and the rates, if any was given.
+    pub limits: Option<KeyLimits>,
 }
 
 impl Config {
@@ -91,6 +94,7 @@ impl Config {
         if let (Some(results), Some(journal)) = (&args.results, &args.journal.journal) {
             check_not_same(journal, "the journal", "--results", results)?;
         }
+        let limits = key_limits(&args.limits, args.jsonl);
         let progress_bar = std::io::stderr().is_terminal();
         let max_run = usize::try_from(args.max_run)
             .ok()
@@ -116,11 +120,30 @@ impl Config {
                 },
                 timeout: args.stop.timeout,
                 halt: args.stop.halt,
+                limits,
             },
             kill_after: args.stop.kill_after,
             deadline: args.stop.deadline,
         })
     }
+}
+
+/// Returns the limits per key and on the rate, or `None` when none was
+/// given, so that the run takes the plain path under `--max-run` alone.
+fn key_limits(args: &crate::cli::LimitArgs, jsonl: bool) -> Option<KeyLimits> {
+    if args.per_key.is_none() && args.rate.is_none() {
+        return None;
+    }
+    let key = args
+        .per_key
+        .as_ref()
+        .map(|per_key| Template::parse(std::slice::from_ref(&per_key.template), jsonl));
+    Some(KeyLimits {
+        key,
+        per_key: args.per_key.as_ref().map(|per_key| per_key.limit),
+        rate: args.rate.map(|rate| rate.to_rate(args.burst)),
+        per_key_rate: args.per_key_rate.map(|rate| rate.to_rate(args.burst)),
+    })
 }
 
 /// Returns whether items' output must be written with the progress bar

@@ -11,7 +11,10 @@ use std::pin::pin;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use deferred_semaphore::{Backlog, DeferredSemaphore, Outcome, OwnedPermit, Report, StopReason};
+use deferred_semaphore::{
+    Backlog, DeferredSemaphore, KeyedBacklog, KeyedLimiter, KeyedPermit, Outcome, OwnedPermit,
+    Report, StopReason,
+};
 use futures_util::{Stream, StreamExt};
 use tokio::io::AsyncWrite;
 use tokio::sync::{Mutex, Notify};
@@ -23,6 +26,7 @@ use crate::halt::HaltCounter;
 use crate::journal::{
     self, Admission, AttemptEnd, AttemptRecord, Journal, JournalConfig, JournalError, Skip,
 };
+use crate::limits::Gate;
 use crate::outcome::ItemOutcome;
 use crate::progress::{Progress, Summary};
 use crate::results::ResultsWriter;
@@ -227,7 +231,7 @@ where
         if setup.endless_input {
             summary.input_left_unread = true;
         } else {
-            summary.not_started = record_not_started(items, &mut sinks, stop.cause()).await?;
+            summary.not_started += record_not_started(items, &mut sinks, stop.cause()).await?;
         }
     }
     // A closed stderr must not turn a finished run into a failure.
@@ -267,13 +271,11 @@ where
     W: AsyncWrite + Unpin,
     F: Write,
 {
-    let limiter = DeferredSemaphore::new(max_run.get());
     let state = Mutex::new(SinkState { sinks, fatal: None });
     let sink_failed = Notify::new();
     let halt = RefCell::new(HaltCounter::new(rules.halt));
     let attempts = Attempts {
         runner,
-        limiter: &limiter,
         policy: &rules.retry,
         timeout: rules.timeout,
     };
@@ -282,23 +284,55 @@ where
 
     let mut stopping = stop.watch();
     let items = items.take_until(async move { stopping.reached(StopLevel::Soon).await });
-    let work = move |item: Item, permit: OwnedPermit| {
-        run_item(
-            item,
-            permit,
-            template,
-            attempts_ref,
-            stop.watch(),
-            state_ref,
-            journal,
-        )
-    };
     let consumer = move |outcome| consume(outcome, state_ref, failed_ref, gauge, (halt_ref, stop));
-    let backlog = Backlog::from_stream_with_permits(&limiter, items, work)
-        .on_failure(rules.halt.failure_policy())
-        .buffer(buffer_size(max_run, rules))
-        .for_each(consumer);
-    let report = drive(backlog, &state, &sink_failed, gauge).await?;
+    let report = match &rules.limits {
+        None => {
+            let limiter = DeferredSemaphore::new(max_run.get());
+            let limiter_ref = &limiter;
+            let work = move |item: Item, permit: OwnedPermit| {
+                let reacquire = move || async move { limiter_ref.acquire_owned().await.ok() };
+                let item_run = ItemRun {
+                    template,
+                    attempts: attempts_ref,
+                    state: state_ref,
+                    journal,
+                };
+                item_run.run(item, (permit, reacquire), stop.watch())
+            };
+            let backlog = Backlog::from_stream_with_permits(&limiter, items, work)
+                .on_failure(rules.halt.failure_policy())
+                .buffer(buffer_size(max_run, rules))
+                .for_each(consumer);
+            drive(backlog, &state, &sink_failed, gauge).await?
+        }
+        Some(limits) => {
+            let limiter = Gate::new(max_run, limits);
+            let limiter_ref = &limiter;
+            let key_of = |item: &Item| limits.key_of(item);
+            let work = move |item: Item, permit: KeyedPermit<String>| {
+                let key = permit.key().clone();
+                let reacquire = move || {
+                    let acquire = KeyedLimiter::acquire(limiter_ref, &key);
+                    async move { acquire.await.ok() }
+                };
+                let item_run = ItemRun {
+                    template,
+                    attempts: attempts_ref,
+                    state: state_ref,
+                    journal,
+                };
+                item_run.run(item, (permit, reacquire), stop.watch())
+            };
+            // `--halt` stops the run through `stop`, which ends `items`, so
+            // the items already in the look-ahead window still reach the
+            // consumer, as not started, instead of being dropped by a
+            // failure policy of the backlog.
+            let backlog = KeyedBacklog::from_stream_with_permits(&limiter, items, key_of, work)
+                .buffer(buffer_size(max_run, rules))
+                .for_each(consumer);
+            drive(backlog, &state, &sink_failed, gauge).await?
+        }
+    };
     let mut state = state.into_inner();
     // The last outcome's write can fail in the same poll that ends the
     // backlog, and then `drive` sees the end first.
@@ -356,19 +390,58 @@ where
     }
 }
 
+/// The parts shared by every item's run: the command, the attempt rules,
+/// the sinks and the journal.
+struct ItemRun<'a, 'r, 's, J, R, W, F: Write> {
+    template: &'a J,
+    attempts: &'a Attempts<'r, R>,
+    state: &'a Mutex<SinkState<'s, W, F>>,
+    journal: Option<&'a Journal>,
+}
+
+impl<'a, 'r, 's, J, R, W, F> ItemRun<'a, 'r, 's, J, R, W, F>
+where
+    J: MakeJob<Job = R::Job>,
+    R: Runner,
+    F: Write,
+{
+    /// Runs `item` under the permit of `permit`, which its second half
+    /// acquires again for a retry.
+    fn run<P, A, AF>(
+        self,
+        item: Item,
+        permit: (P, A),
+        stop: StopWatch,
+    ) -> impl Future<Output = Result<Finished, Finished>> + use<'a, 'r, 's, J, R, W, F, P, A, AF>
+    where
+        A: Fn() -> AF,
+        AF: Future<Output = Option<P>>,
+    {
+        run_item(item, permit, self, stop)
+    }
+}
+
 /// Runs one item with its retries, or fails it at once when it cannot be
 /// run. With a journal, the item is marked running before its command
 /// starts, each retry is recorded, and its end is recorded after the last
 /// attempt. The `Err` side marks the item as failed for the backlog's counts.
-async fn run_item<J: MakeJob<Job = R::Job>, R: Runner, W, F: Write>(
+async fn run_item<J, R, W, F: Write, P, A, AF>(
     item: Item,
-    permit: OwnedPermit,
-    template: &J,
-    attempts: &Attempts<'_, R>,
+    permit: (P, A),
+    ItemRun {
+        template,
+        attempts,
+        state,
+        journal,
+    }: ItemRun<'_, '_, '_, J, R, W, F>,
     stop: StopWatch,
-    state: &Mutex<SinkState<'_, W, F>>,
-    journal: Option<&Journal>,
-) -> Result<Finished, Finished> {
+) -> Result<Finished, Finished>
+where
+    J: MakeJob<Job = R::Job>,
+    R: Runner,
+    A: Fn() -> AF,
+    AF: Future<Output = Option<P>>,
+{
     let admission = match journal {
         Some(journal) => match journal.admit(&item).await {
             Ok(admission) => admission,
@@ -690,6 +763,7 @@ mod tests {
             },
             timeout: None,
             halt: crate::halt::Halt::Never,
+            limits: None,
         }
     }
 

@@ -11,6 +11,7 @@ mod file_limit;
 mod group;
 mod halt;
 mod journal;
+mod limits;
 mod mail;
 mod outcome;
 mod progress;

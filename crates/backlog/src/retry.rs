@@ -3,12 +3,11 @@
 //!
 //! An item's work owns the permit the backlog acquired for it. Before it
 //! waits for a retry, it drops the permit, so another item can run during
-//! the backoff. Afterwards it queues for a new permit like any other item.
+//! the backoff. Afterwards it queues for a new permit like any other item,
+//! through the item's own `reacquire` (the same key, with --per-key).
 
 use std::future::Future;
 use std::time::Duration;
-
-use deferred_semaphore::{DeferredSemaphore, OwnedPermit};
 
 use crate::duration::format_duration;
 use crate::exec::{ItemResult, Runner};
@@ -45,8 +44,6 @@ pub struct RetryPolicy {
 pub struct Attempts<'a, R> {
     /// Runs each attempt's command.
     pub runner: &'a R,
-    /// Grants the permit for each retry.
-    pub limiter: &'a DeferredSemaphore,
     /// When to retry.
     pub policy: &'a RetryPolicy,
     /// The time limit of each attempt.
@@ -145,17 +142,20 @@ impl<R: Runner> Attempts<'_, R> {
     /// Runs `job` under `permit`, retrying as the policy allows, and returns
     /// the last attempt's result with the item's outcome.
     ///
-    /// The permit is dropped before each backoff and acquired again after
-    /// it, and `notify` hears of both steps. Once the run is stopping, no
-    /// attempt starts: a retry that is still waiting ends as not started.
-    pub async fn run<N, NF>(
+    /// The permit is dropped before each backoff, and `reacquire` gets a
+    /// new one after it (`None` when the limiter is closed); `notify` hears
+    /// of both steps. Once the run is stopping, no attempt starts: a retry
+    /// that is still waiting ends as not started.
+    pub async fn run<P, A, AF, N, NF>(
         &self,
         job: R::Job,
-        permit: OwnedPermit,
+        (permit, reacquire): (P, A),
         stop: StopWatch,
         notify: N,
     ) -> (ItemResult, ItemOutcome)
     where
+        A: Fn() -> AF,
+        AF: Future<Output = Option<P>>,
         N: Fn(RetryEvent) -> NF,
         NF: Future<Output = ()>,
     {
@@ -191,7 +191,7 @@ impl<R: Runner> Attempts<'_, R> {
                 delay,
             }))
             .await;
-            permit = self.wait_and_acquire(delay, stop.clone()).await;
+            permit = wait_and_acquire(delay, &reacquire, stop.clone()).await;
             if permit.is_none() {
                 let cause = stop.cause();
                 return (result, ItemOutcome::NotStarted { attempts, cause });
@@ -199,18 +199,26 @@ impl<R: Runner> Attempts<'_, R> {
             notify(RetryEvent::Starting(attempt)).await;
         }
     }
+}
 
-    /// Waits for `delay`, then for a permit. Returns `None` when the run
-    /// starts stopping first or the limiter is closed.
-    async fn wait_and_acquire(&self, delay: Duration, mut stop: StopWatch) -> Option<OwnedPermit> {
-        let wait = async {
-            tokio::time::sleep(delay).await;
-            self.limiter.acquire_owned().await.ok()
-        };
-        tokio::select! {
-            permit = wait => permit,
-            () = stop.reached(StopLevel::Soon) => None,
-        }
+/// Waits for `delay`, then for a permit. Returns `None` when the run starts
+/// stopping first or the limiter is closed.
+async fn wait_and_acquire<P, A, AF>(
+    delay: Duration,
+    reacquire: &A,
+    mut stop: StopWatch,
+) -> Option<P>
+where
+    A: Fn() -> AF,
+    AF: Future<Output = Option<P>>,
+{
+    let wait = async {
+        tokio::time::sleep(delay).await;
+        reacquire().await
+    };
+    tokio::select! {
+        permit = wait => permit,
+        () = stop.reached(StopLevel::Soon) => None,
     }
 }
 

@@ -12,12 +12,17 @@
 //! | at most N at once, first come, first served | [`DeferredSemaphore`] |
 //! | one at a time | [`DeferredLock`] |
 //! | a long or endless list of items under a limit | [`Backlog`] |
+//! | at most N at once, and at most M per key (host, account) | [`KeyedSemaphore`] |
+//! | a backlog whose items each have a key, without head-of-line blocking | [`KeyedBacklog`] |
 //! | anything that hands out permits | the [`Limiter`] trait |
 //!
 //! # Features
 //!
 //! - `tokio`: adds [`DeferredSemaphore::spawn`][spawn], which starts work eagerly on
 //!   the tokio runtime, as Twisted's `run` does.
+//! - `rate`: adds `Rate`, `RateLimited` and `PerKeyRate`, rate limits (with
+//!   the GCRA of the `governor` crate) on top of any limiter, global or per
+//!   key. They sleep on tokio's timer, so they need a tokio runtime.
 //!
 //! Nothing else depends on a runtime: every future here works under any
 //! executor.
@@ -112,10 +117,13 @@ mod acquire;
 mod backlog;
 mod core;
 mod error;
+mod keyed;
 mod limiter;
 mod list;
 mod lock;
 mod permit;
+#[cfg(feature = "rate")]
+mod rate;
 mod run;
 mod semaphore;
 #[cfg(feature = "tokio")]
@@ -124,15 +132,19 @@ mod sync;
 
 pub use acquire::{Acquire, AcquireOwned};
 pub use backlog::{
-    Backlog, FailurePolicy, ForEach, Outcome, Report, StartWork, StopReason, Threshold, WithPermit,
+    Backlog, FailurePolicy, ForEach, KeyOf, KeyedBacklog, KeyedForEach, Outcome, Report, StartWork,
+    StopReason, Threshold, WithPermit,
 };
 pub use error::{AcquireError, LimitError, TryAcquireError};
-pub use limiter::Limiter;
+pub use keyed::{KeyedAcquire, KeyedPermit, KeyedSemaphore};
+pub use limiter::{KeyedLimiter, Limiter};
 pub use list::{
     gather_results, DeferredList, FireError, FireOnOneCallback, FireOnOneErrback, FirstError,
     FirstSuccess, Gather, Rest,
 };
 pub use lock::DeferredLock;
 pub use permit::{OwnedPermit, Permit};
+#[cfg(feature = "rate")]
+pub use rate::{KeyedRateAcquire, PerKeyRate, Rate, RateAcquire, RateLimited};
 pub use run::Run;
 pub use semaphore::DeferredSemaphore;

@@ -4,6 +4,7 @@ use std::future::Future;
 
 use crate::acquire::AcquireOwned;
 use crate::error::AcquireError;
+use crate::keyed::{KeyedAcquire, KeyedPermit, KeyedSemaphore};
 use crate::permit::OwnedPermit;
 use crate::semaphore::DeferredSemaphore;
 
@@ -139,6 +140,91 @@ impl<L: Limiter + ?Sized> Limiter for std::sync::Arc<L> {
 
     fn reuse(&self, permit: L::Permit) -> Option<L::Permit> {
         (**self).reuse(permit)
+    }
+
+    fn limit(&self) -> usize {
+        (**self).limit()
+    }
+}
+
+/// Hands out permits for units of work that each belong to a key, such as
+/// the domain of a URL, under a limit per key and a global one.
+///
+/// [`KeyedBacklog`](crate::KeyedBacklog) asks for a permit for an item's
+/// key before it starts the item. [`KeyedSemaphore`] is a keyed limiter;
+/// `RateLimited` and `PerKeyRate` (feature `rate`) add a rate to one.
+///
+/// # Examples
+///
+/// ```
+/// use deferred_semaphore::{KeyedLimiter, KeyedSemaphore};
+///
+/// # futures::executor::block_on(async {
+/// let sem = KeyedSemaphore::new(4, 1);
+/// let permit = KeyedLimiter::acquire(&sem, &"example.com").await.unwrap();
+/// assert_eq!(KeyedLimiter::<&str>::limit(&sem), 4);
+/// # drop(permit);
+/// # });
+/// ```
+pub trait KeyedLimiter<K> {
+    /// A grant of one unit of work of one key; dropping it gives the grant
+    /// back.
+    type Permit;
+
+    /// The error returned when a permit cannot be granted.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// The future returned by [`acquire`](KeyedLimiter::acquire).
+    type Acquire: Future<Output = Result<Self::Permit, Self::Error>>;
+
+    /// Waits for a permit for one unit of work of `key`.
+    ///
+    /// # Cancel safety
+    ///
+    /// Implementations must be cancel safe: dropping the future must lose no
+    /// permit.
+    fn acquire(&self, key: &K) -> Self::Acquire;
+
+    /// Returns the most units of work the limiter lets run at once over all
+    /// keys now. Backlog processing sizes its buffers from it.
+    fn limit(&self) -> usize;
+}
+
+impl<K: std::hash::Hash + Eq + Clone> KeyedLimiter<K> for KeyedSemaphore<K> {
+    type Permit = KeyedPermit<K>;
+    type Error = AcquireError;
+    type Acquire = KeyedAcquire<K>;
+
+    fn acquire(&self, key: &K) -> KeyedAcquire<K> {
+        KeyedSemaphore::acquire(self, key.clone())
+    }
+
+    fn limit(&self) -> usize {
+        KeyedSemaphore::limit(self)
+    }
+}
+
+impl<K, L: KeyedLimiter<K> + ?Sized> KeyedLimiter<K> for &L {
+    type Permit = L::Permit;
+    type Error = L::Error;
+    type Acquire = L::Acquire;
+
+    fn acquire(&self, key: &K) -> L::Acquire {
+        (**self).acquire(key)
+    }
+
+    fn limit(&self) -> usize {
+        (**self).limit()
+    }
+}
+
+impl<K, L: KeyedLimiter<K> + ?Sized> KeyedLimiter<K> for std::sync::Arc<L> {
+    type Permit = L::Permit;
+    type Error = L::Error;
+    type Acquire = L::Acquire;
+
+    fn acquire(&self, key: &K) -> L::Acquire {
+        (**self).acquire(key)
     }
 
     fn limit(&self) -> usize {

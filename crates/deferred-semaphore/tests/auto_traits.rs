@@ -23,8 +23,9 @@ use std::task::{Context, Poll};
 use deferred_semaphore::{
     gather_results, Acquire, AcquireError, AcquireOwned, Backlog, DeferredList, DeferredLock,
     DeferredSemaphore, FailurePolicy, FireError, FireOnOneCallback, FireOnOneErrback, FirstError,
-    FirstSuccess, ForEach, Gather, LimitError, Outcome, OwnedPermit, Permit, Report, Rest, Run,
-    StopReason, Threshold, TryAcquireError, WithPermit,
+    FirstSuccess, ForEach, Gather, KeyedAcquire, KeyedBacklog, KeyedForEach, KeyedPermit,
+    KeyedSemaphore, LimitError, Outcome, OwnedPermit, Permit, Report, Rest, Run, StopReason,
+    Threshold, TryAcquireError, WithPermit,
 };
 use futures::stream::Iter;
 use static_assertions::assert_not_impl_any;
@@ -100,6 +101,31 @@ fn handles_are_send_sync_unpin() {
     assert_send::<DeferredLock>();
     assert_sync::<DeferredLock>();
     assert_unpin::<DeferredLock>();
+}
+
+#[test]
+fn keyed_types_are_send_sync_unpin() {
+    assert_all::<KeyedSemaphore<String>>();
+    assert_all::<KeyedPermit<String>>();
+    assert_all::<KeyedAcquire<String>>();
+    type KeyFn = fn(&u8) -> u8;
+    type Sem = &'static KeyedSemaphore<u8>;
+    assert_all::<KeyedBacklog<Sem, Items, KeyFn, WorkFn>>();
+    assert_all::<KeyedForEach<Sem, Items, KeyFn, WorkFn, Consumer, Work, Ready<()>>>();
+    // Running work sits in its own allocation, as in `ForEach`.
+    assert_all::<
+        KeyedForEach<
+            Sem,
+            Items,
+            KeyFn,
+            PinnedWorkFn,
+            Consumer,
+            PinnedWork<Result<u8, String>>,
+            Ready<()>,
+        >,
+    >();
+    // The key moves into the permit and is never pinned.
+    assert_unpin::<KeyedAcquire<PhantomPinned>>();
 }
 
 #[test]
@@ -241,4 +267,17 @@ fn errors_are_send_sync_static() {
     assert_unpin::<LimitError>();
     assert_unpin::<FireError<io::Error>>();
     assert_unpin::<FirstError<IoWork>>();
+}
+
+#[cfg(feature = "rate")]
+#[test]
+fn rate_types_are_send_sync_unpin() {
+    use deferred_semaphore::{KeyedRateAcquire, PerKeyRate, Rate, RateAcquire, RateLimited};
+
+    assert_all::<Rate>();
+    assert_all::<RateLimited<DeferredSemaphore>>();
+    assert_all::<RateAcquire<DeferredSemaphore>>();
+    assert_all::<PerKeyRate<KeyedSemaphore<String>, String>>();
+    assert_all::<KeyedRateAcquire<KeyedSemaphore<String>, String>>();
+    assert_all::<KeyedRateAcquire<RateLimited<KeyedSemaphore<String>>, String>>();
 }

@@ -106,6 +106,8 @@ impl MailConfig {
                 },
                 timeout: args.timeout,
                 halt: args.halt,
+                // The domain limits live in the SMTP runner for now.
+                limits: None,
             },
             deadline: args.deadline,
         })

@@ -45,6 +45,10 @@ impl<T, E> OutcomeBuffer<T, E> {
         }
     }
 
+    pub(crate) fn is_input_order(&self) -> bool {
+        matches!(self, OutcomeBuffer::Input { .. })
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         match self {
             OutcomeBuffer::Completion(ready) => ready.is_empty(),
@@ -52,7 +56,8 @@ impl<T, E> OutcomeBuffer<T, E> {
         }
     }
 
-    /// Reserves the slot of an item whose work just started.
+    /// Reserves the slot of an item whose work just started, or, in a keyed
+    /// backlog, of an item just pulled into the look-ahead window.
     pub(crate) fn started(&mut self) {
         if let OutcomeBuffer::Input { slots, .. } = self {
             slots.push_back(Slot::Running);

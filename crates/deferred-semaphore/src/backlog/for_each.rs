@@ -18,7 +18,7 @@ use crate::limiter::Limiter;
 
 /// Rounds of the poll loop before the future yields to its executor, so that
 /// an endless source of instant work cannot starve other tasks.
-const ROUNDS_PER_POLL: usize = 64;
+pub(super) const ROUNDS_PER_POLL: usize = 64;
 
 pin_project! {
     /// A future that processes a backlog and hands each outcome to a consumer,
@@ -58,13 +58,13 @@ pin_project! {
 
 /// The bookkeeping of a running backlog that is not tied to its types.
 #[derive(Debug)]
-struct Progress {
-    policy: FailurePolicy,
-    buffer: Option<usize>,
-    next_index: u64,
-    source_done: bool,
-    stop_now: bool,
-    report: Report,
+pub(super) struct Progress {
+    pub(super) policy: FailurePolicy,
+    pub(super) buffer: Option<usize>,
+    pub(super) next_index: u64,
+    pub(super) source_done: bool,
+    pub(super) stop_now: bool,
+    pub(super) report: Report,
 }
 
 impl<L, S, F, C, Fut, CFut> fmt::Debug for ForEach<L, S, F, C, Fut, CFut>
@@ -104,25 +104,29 @@ where
             running: TaskSet::new(),
             outcomes: OutcomeBuffer::new(input_order),
             consuming: None,
-            progress: Progress {
-                policy,
-                buffer,
-                next_index: 0,
-                source_done: false,
-                stop_now: false,
-                report: Report::default(),
-            },
+            progress: Progress::new(policy, buffer),
         }
     }
 }
 
 impl Progress {
-    fn stopping(&self) -> bool {
+    pub(super) fn new(policy: FailurePolicy, buffer: Option<usize>) -> Self {
+        Progress {
+            policy,
+            buffer,
+            next_index: 0,
+            source_done: false,
+            stop_now: false,
+            report: Report::default(),
+        }
+    }
+
+    pub(super) fn stopping(&self) -> bool {
         self.report.stopped.is_some()
     }
 
     /// Counts one finished item and applies the failure policy.
-    fn record<T, E>(&mut self, result: &Result<T, E>) {
+    pub(super) fn record<T, E>(&mut self, result: &Result<T, E>) {
         match result {
             Ok(_) => self.report.succeeded += 1,
             Err(_) => self.report.failed += 1,
@@ -251,7 +255,7 @@ where
     }
 }
 
-fn cancel_running<Fut: TryFuture, P>(
+pub(super) fn cancel_running<Fut: TryFuture, P>(
     running: &mut TaskSet<Task<Fut, P>>,
     outcomes: &mut OutcomeBuffer<Fut::Ok, Fut::Error>,
     report: &mut Report,

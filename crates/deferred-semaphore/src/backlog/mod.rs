@@ -2,6 +2,8 @@
 
 mod buffer;
 mod for_each;
+mod keyed;
+mod keyed_backlog;
 mod policy;
 mod task;
 mod task_set;
@@ -14,6 +16,8 @@ use futures_core::{Stream, TryFuture};
 use futures_util::stream::{self, Iter};
 
 pub use for_each::ForEach;
+pub use keyed::{KeyOf, KeyedForEach};
+pub use keyed_backlog::KeyedBacklog;
 pub use policy::{FailurePolicy, Outcome, Report, StopReason, Threshold};
 pub use work::{StartWork, WithPermit};
 

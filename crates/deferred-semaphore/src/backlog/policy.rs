@@ -106,6 +106,11 @@ pub struct Report {
     /// Positions of items whose running work was cancelled by
     /// [`FailurePolicy::StopNow`], in input order.
     pub cancelled: Vec<u64>,
+    /// Positions of items pulled into the look-ahead window of a
+    /// [`KeyedBacklog`](crate::KeyedBacklog) that never started because
+    /// processing stopped early, in input order. Always empty for a
+    /// [`Backlog`](crate::Backlog), which pulls an item only to start it.
+    pub not_started: Vec<u64>,
     /// The reason processing stopped early, if it did.
     pub stopped: Option<StopReason>,
     /// The maximum number of items whose work ran at the same moment.
