@@ -142,6 +142,16 @@ pub struct MailArgs {
     #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     pub per_domain: u32,
 
+    /// Sets the maximum rate of SMTP sessions started over all domains, as
+    /// N/s, N/m or N/h. A session waiting for the rate does not take a
+    /// --max-run slot.
+    #[arg(long, value_name = "N/s", value_parser = parse_rate)]
+    pub rate: Option<RateArg>,
+
+    /// Sets how many sessions may start at once after a pause, under --rate.
+    #[arg(long, value_name = "N", default_value = "1", value_parser = parse_burst)]
+    pub burst: std::num::NonZeroU32,
+
     /// Reads each line of INPUT as one JSON object to build a message from.
     #[arg(long)]
     pub jsonl: bool,

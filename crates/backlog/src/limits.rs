@@ -113,6 +113,10 @@ impl KeyLimits {
     /// malformed line, a missing field) gets the empty key; it fails at
     /// once without running anything.
     pub fn key_of(&self, item: &Item) -> String {
+        // A mail envelope's key is its recipients' domain.
+        if let ItemKind::Mail(envelope) = &item.kind {
+            return envelope.domain.clone();
+        }
         let Some(template) = &self.key else {
             return String::new();
         };

@@ -179,6 +179,65 @@ fn mail_limits_and_single_copies() {
 }
 
 #[test]
+fn mail_busy_domain_holds_up_no_other() {
+    let dir = TempDir::new().unwrap();
+    let Some(sink) = Sink::start(dir.path(), 0.0) else {
+        return;
+    };
+    let outbox = dir.path().join("outbox");
+    std::fs::create_dir(&outbox).unwrap();
+    // Four slow messages to one domain come first in name order, then four
+    // quick ones to another domain.
+    for n in 0..4 {
+        let id = format!("s{n}@origin.test");
+        write_message(
+            &outbox,
+            &format!("a{n}.eml"),
+            &id,
+            &format!("To: slow{n}@slow.test"),
+        );
+        let id = format!("q{n}@origin.test");
+        write_message(
+            &outbox,
+            &format!("b{n}.eml"),
+            &id,
+            &format!("To: quick{n}@quick.test"),
+        );
+    }
+
+    let url = sink.url();
+    let args = [
+        "--smtp",
+        &url,
+        "--max-run",
+        "2",
+        "--per-domain",
+        "1",
+        "outbox",
+    ];
+    let output = mail(dir.path(), &args);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+
+    // With one session for slow.test at a time, each taking a second, the
+    // quick domain must be done before the second slow message is.
+    let order: Vec<String> = sink
+        .deliveries()
+        .iter()
+        .map(|d| d["rcpt_tos"][0].as_str().unwrap().to_owned())
+        .collect();
+    let last_quick = order
+        .iter()
+        .rposition(|r| r.ends_with("@quick.test"))
+        .unwrap();
+    let slow_before: usize = order[..last_quick]
+        .iter()
+        .filter(|r| r.ends_with("@slow.test"))
+        .count();
+    assert!(slow_before <= 1, "{order:?}");
+}
+
+#[test]
 fn mail_faults_get_their_outcome() {
     let dir = TempDir::new().unwrap();
     let Some(sink) = Sink::start(dir.path(), 0.0) else {

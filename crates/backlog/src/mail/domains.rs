@@ -1,13 +1,15 @@
 //! `--per-domain`: at most N SMTP sessions at once per recipient domain,
 //! with one `DeferredSemaphore` per domain, made on first use.
 //!
-//! A session takes its domain's permit inside the item's work, after the
-//! item's `--max-run` permit.
+//! The run's keyed limiter already holds each domain to `--per-domain`
+//! sessions, without head-of-line blocking. This module adds the slowdown:
+//! every session also takes its domain's permit here, inside the item's
+//! work, which waits only after a 421 or a refused connection has halved
+//! the domain's limit for a while.
 //!
-//! NOTE: an item waiting for a busy domain holds its `--max-run` permit
-//! meanwhile, so a backlog of one domain can block items of other domains
-//! behind it (head-of-line blocking) until a keyed limiter with look-ahead
-//! replaces this module.
+//! NOTE: while a domain is slowed down, an envelope waiting here holds its
+//! `--max-run` slot, so other domains may wait behind it until the
+//! slowdown ends.
 
 use std::collections::HashMap;
 use std::sync::Mutex;

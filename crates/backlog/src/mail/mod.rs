@@ -19,6 +19,7 @@ use crate::cli::MailArgs;
 use crate::config::ItemRules;
 use crate::engine::{self, RunSetup};
 use crate::journal::{JournalConfig, KeyRule};
+use crate::limits::KeyLimits;
 use crate::progress::Summary;
 use crate::retry::{RetryOn, RetryPolicy};
 use crate::source::{self, Format, Item, ItemKind};
@@ -106,8 +107,14 @@ impl MailConfig {
                 },
                 timeout: args.timeout,
                 halt: args.halt,
-                // The domain limits live in the SMTP runner for now.
-                limits: None,
+                // Keyed by domain: an envelope waits for its domain's slot
+                // without holding a --max-run slot, and other domains go on.
+                limits: Some(KeyLimits {
+                    key: None,
+                    per_key: NonZeroUsize::new(args.per_domain as usize),
+                    rate: args.rate.map(|rate| rate.to_rate(args.burst)),
+                    per_key_rate: None,
+                }),
             },
             deadline: args.deadline,
         })
