@@ -134,6 +134,12 @@ pub struct MailArgs {
     #[arg(long, value_name = "URL")]
     pub smtp: String,
 
+    /// Trusts the certificates in the PEM file FILE as roots, besides the
+    /// bundled Mozilla roots, when checking the server's TLS certificate:
+    /// for a company CA or a self-signed test server.
+    #[arg(long, value_name = "FILE")]
+    pub smtp_ca: Option<PathBuf>,
+
     /// Sets the maximum number of SMTP sessions at once.
     #[arg(long, value_name = "N", default_value_t = 8, value_parser = parse_max_run)]
     pub max_run: u64,

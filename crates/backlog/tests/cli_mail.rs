@@ -2,8 +2,12 @@
 //! aiosmtpd sink on a free loopback port that logs every delivery with its
 //! counts of open sessions, and injects faults by recipient address.
 //!
-//! The tests skip, with a printed reason, when python3 or aiosmtpd is
-//! missing, unless `BACKLOG_REQUIRE_SERVERS=1`, which makes them fail.
+//! The TLS tests give the sink a certificate for 127.0.0.1 and localhost,
+//! signed by a CA that each test makes with openssl.
+//!
+//! The tests skip, with a printed reason, when python3, aiosmtpd or (for
+//! TLS) openssl is missing, unless `BACKLOG_REQUIRE_SERVERS=1`, which makes
+//! them fail.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
@@ -22,29 +26,41 @@ struct Sink {
     log: PathBuf,
 }
 
+/// Prints why a test is skipped, or panics under `BACKLOG_REQUIRE_SERVERS=1`.
+fn skip(reason: &str) {
+    if std::env::var("BACKLOG_REQUIRE_SERVERS").as_deref() == Ok("1") {
+        panic!("BACKLOG_REQUIRE_SERVERS=1 but {reason}");
+    }
+    eprintln!("skipped: {reason}");
+}
+
 impl Sink {
     /// Starts the sink with `data_delay` seconds before each DATA reply, or
     /// returns `None` after printing why it cannot run.
     fn start(dir: &Path, data_delay: f64) -> Option<Sink> {
+        Sink::start_with(dir, data_delay, &[])
+    }
+
+    /// Starts the sink with the options `extra` of `tests/smtp_sink.py`,
+    /// in the folder `dir`.
+    fn start_with(dir: &Path, data_delay: f64, extra: &[&str]) -> Option<Sink> {
         let available = Command::new("python3")
             .args(["-c", "import aiosmtpd"])
             .stderr(Stdio::null())
             .status()
             .is_ok_and(|status| status.success());
         if !available {
-            let reason = "python3 with aiosmtpd is missing (python3 -m pip install aiosmtpd)";
-            if std::env::var("BACKLOG_REQUIRE_SERVERS").as_deref() == Ok("1") {
-                panic!("BACKLOG_REQUIRE_SERVERS=1 but {reason}");
-            }
-            eprintln!("skipped: {reason}");
+            skip("python3 with aiosmtpd is missing (python3 -m pip install aiosmtpd)");
             return None;
         }
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/smtp_sink.py");
         let log = dir.join("sink.jsonl");
         let mut child = Command::new("python3")
+            .current_dir(dir)
             .arg(script)
             .arg(&log)
             .args(["--data-delay", &data_delay.to_string()])
+            .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -95,14 +111,110 @@ impl Drop for Sink {
 }
 
 fn mail(dir: &Path, args: &[&str]) -> Output {
-    Command::new(assert_cmd::cargo::cargo_bin!("backlog"))
+    mail_as(dir, None, args)
+}
+
+/// Runs `backlog mail` with the user name and password `credentials` in
+/// the environment, if given.
+fn mail_as(dir: &Path, credentials: Option<(&str, &str)>, args: &[&str]) -> Output {
+    let mut command = Command::new(assert_cmd::cargo::cargo_bin!("backlog"));
+    command
         .current_dir(dir)
         .arg("mail")
         .args(args)
         .env_remove("BACKLOG_SMTP_USERNAME")
-        .env_remove("BACKLOG_SMTP_PASSWORD")
-        .output()
-        .unwrap()
+        .env_remove("BACKLOG_SMTP_PASSWORD");
+    if let Some((user, password)) = credentials {
+        command
+            .env("BACKLOG_SMTP_USERNAME", user)
+            .env("BACKLOG_SMTP_PASSWORD", password);
+    }
+    command.output().unwrap()
+}
+
+/// Runs openssl with `args` in `dir`, or returns `false` after printing why
+/// it cannot run.
+fn openssl(dir: &Path, args: &[&str]) -> bool {
+    let output = Command::new("openssl").current_dir(dir).args(args).output();
+    match output {
+        Ok(output) if output.status.success() => true,
+        Ok(output) => panic!(
+            "openssl {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        ),
+        Err(error) => {
+            skip(&format!("openssl cannot run: {error}"));
+            false
+        }
+    }
+}
+
+/// Makes, in `dir`, a CA (`ca.pem`), a server certificate for 127.0.0.1
+/// and localhost signed by it (`server.pem`, `server.key`), and a second CA
+/// that signed nothing (`other-ca.pem`). Returns `false` when openssl is
+/// missing.
+fn make_certificates(dir: &Path) -> bool {
+    let new_key = ["-newkey", "rsa:2048", "-nodes", "-days", "1"];
+    let ca = [
+        &["req", "-x509"][..],
+        &new_key,
+        &["-subj", "/CN=backlog test CA"],
+    ]
+    .concat();
+    let ca_files = ["-keyout", "ca.key", "-out", "ca.pem"];
+    if !openssl(dir, &[&ca[..], &ca_files].concat()) {
+        return false;
+    }
+    let other = [
+        "-subj",
+        "/CN=another test CA",
+        "-keyout",
+        "other-ca.key",
+        "-out",
+        "other-ca.pem",
+    ];
+    openssl(dir, &[&["req", "-x509"][..], &new_key, &other].concat());
+    // A self-signed certificate would be a CA, which rustls rejects as a
+    // server's certificate, so the server's is signed by the test CA.
+    let server = [
+        "-subj",
+        "/CN=localhost",
+        "-addext",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        "-addext",
+        "basicConstraints=critical,CA:FALSE",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.pem",
+    ];
+    openssl(dir, &[&["req", "-x509"][..], &new_key, &server].concat())
+}
+
+/// Starts a sink in `dir` with the TLS certificate of `make_certificates`,
+/// made first, and the sink options `options`.
+fn start_tls_sink(dir: &Path, options: &[&str]) -> Option<Sink> {
+    if !make_certificates(dir) {
+        return None;
+    }
+    let certificate = ["--cert", "server.pem", "--key", "server.key"];
+    Sink::start_with(dir, 0.0, &[&certificate[..], options].concat())
+}
+
+/// Writes `a.eml`, one message to `to@tls.test`, in `dir`.
+fn write_one_message(dir: &Path) {
+    write_message(dir, "a.eml", "t1@origin.test", "To: to@tls.test");
+}
+
+/// Returns the only record of a results file.
+fn only_record(path: &Path) -> Value {
+    let mut all = records(path);
+    assert_eq!(all.len(), 1, "{all:?}");
+    all.remove(0)
 }
 
 fn write_message(dir: &Path, name: &str, id: &str, headers: &str) {
@@ -496,4 +608,157 @@ fn mail_cpython_email_test_data() {
         image.unwrap()["error"],
         "not an email message: its first line is not a header"
     );
+}
+
+#[test]
+fn mail_starttls_required_uses_tls() {
+    let dir = TempDir::new().unwrap();
+    let Some(sink) = start_tls_sink(dir.path(), &["--tls", "starttls", "--require-starttls"])
+    else {
+        return;
+    };
+    write_one_message(dir.path());
+    let url = format!("{}?starttls=required", sink.url());
+    let output = mail(
+        dir.path(),
+        &["--smtp", &url, "--smtp-ca", "ca.pem", "a.eml"],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    let deliveries = sink.deliveries();
+    assert_eq!(deliveries.len(), 1, "{deliveries:?}");
+    let tls = deliveries[0]["tls"].as_str().unwrap_or_default();
+    assert!(tls.starts_with("TLSv1."), "{}", deliveries[0]);
+    assert_eq!(deliveries[0]["user"], Value::Null);
+}
+
+#[test]
+fn mail_smtps_uses_tls() {
+    let dir = TempDir::new().unwrap();
+    let Some(sink) = start_tls_sink(dir.path(), &["--tls", "implicit"]) else {
+        return;
+    };
+    write_one_message(dir.path());
+    let url = format!("smtps://127.0.0.1:{}", sink.port);
+    let output = mail(
+        dir.path(),
+        &["--smtp", &url, "--smtp-ca", "ca.pem", "a.eml"],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    let deliveries = sink.deliveries();
+    assert_eq!(deliveries.len(), 1, "{deliveries:?}");
+    let tls = deliveries[0]["tls"].as_str().unwrap_or_default();
+    assert!(tls.starts_with("TLSv1."), "{}", deliveries[0]);
+}
+
+#[test]
+fn mail_auth_delivers_as_user() {
+    let dir = TempDir::new().unwrap();
+    let options = ["--tls", "starttls", "--auth", "mailer:right horse"];
+    let Some(sink) = start_tls_sink(dir.path(), &options) else {
+        return;
+    };
+    write_one_message(dir.path());
+    let url = sink.url();
+    let args = ["--smtp", &url, "--smtp-ca", "ca.pem", "a.eml"];
+    let output = mail_as(dir.path(), Some(("mailer", "right horse")), &args);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    let deliveries = sink.deliveries();
+    assert_eq!(deliveries.len(), 1, "{deliveries:?}");
+    assert_eq!(deliveries[0]["user"], "mailer");
+    assert!(deliveries[0]["tls"].is_string(), "{}", deliveries[0]);
+}
+
+#[test]
+fn mail_auth_wrong_password_fails() {
+    let dir = TempDir::new().unwrap();
+    let options = ["--tls", "starttls", "--auth", "mailer:right horse"];
+    let Some(sink) = start_tls_sink(dir.path(), &options) else {
+        return;
+    };
+    write_one_message(dir.path());
+    let url = sink.url();
+    let args = [
+        "--smtp",
+        &url,
+        "--smtp-ca",
+        "ca.pem",
+        "--retry-delay",
+        "50ms",
+        "--results",
+        "r.jsonl",
+        "a.eml",
+    ];
+    let output = mail_as(dir.path(), Some(("mailer", "wrong horse")), &args);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let record = only_record(&dir.path().join("r.jsonl"));
+    assert_eq!(record["outcome"], "failed", "{record}");
+    // 535 is permanent, so the envelope is not retried.
+    assert_eq!(record["attempts"], 1, "{record}");
+    assert_eq!(record["recipients"][0]["code"], 535, "{record}");
+    let error = record["error"].as_str().unwrap();
+    assert!(
+        error.contains("Authentication credentials invalid"),
+        "{error}"
+    );
+    assert!(!stderr.contains("wrong horse"), "{stderr}");
+    assert!(sink.deliveries().is_empty());
+}
+
+#[test]
+fn mail_untrusted_certificate_rejected() {
+    let dir = TempDir::new().unwrap();
+    let Some(sink) = start_tls_sink(dir.path(), &["--tls", "starttls"]) else {
+        return;
+    };
+    write_one_message(dir.path());
+    let url = format!("{}?starttls=required", sink.url());
+    let cases: [&[&str]; 2] = [&["--smtp-ca", "other-ca.pem"], &[]];
+    for ca in cases {
+        let _ = std::fs::remove_file(dir.path().join("r.jsonl"));
+        let args = [
+            &["--smtp", &url, "--retries", "0", "--results", "r.jsonl"][..],
+            ca,
+            &["a.eml"],
+        ]
+        .concat();
+        let output = mail(dir.path(), &args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{ca:?}: {stderr}");
+        let record = only_record(&dir.path().join("r.jsonl"));
+        let error = record["error"].as_str().unwrap();
+        assert!(error.contains("STARTTLS failed"), "{ca:?}: {error}");
+        assert!(
+            error.contains("invalid peer certificate: UnknownIssuer"),
+            "{ca:?}: {error}"
+        );
+    }
+    assert!(sink.deliveries().is_empty());
+}
+
+#[test]
+fn mail_smtp_ca_must_hold_certificates() {
+    let dir = TempDir::new().unwrap();
+    write_one_message(dir.path());
+    std::fs::write(dir.path().join("notes.txt"), "no certificate here\n").unwrap();
+    let broken = "-----BEGIN CERTIFICATE-----\nTUlJQm9uZQ==\n-----END CERTIFICATE-----\n";
+    std::fs::write(dir.path().join("broken.pem"), broken).unwrap();
+    let cut = "-----BEGIN CERTIFICATE-----\nTUlJQm9uZQ==\n";
+    std::fs::write(dir.path().join("cut.pem"), cut).unwrap();
+    let cases = [
+        ("missing.pem", "cannot read missing.pem"),
+        ("notes.txt", "notes.txt contains no certificate"),
+        ("broken.pem", "broken.pem contains an invalid certificate"),
+        ("cut.pem", "cut.pem is not a valid PEM file"),
+    ];
+    for (file, expected) in cases {
+        let args = ["--smtp", "smtp://127.0.0.1:25", "--smtp-ca", file, "a.eml"];
+        let output = mail(dir.path(), &args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{file}: {stderr}");
+        assert!(stderr.contains(expected), "{file}: {stderr}");
+    }
 }

@@ -4,7 +4,8 @@ Listens on 127.0.0.1 at a free port, prints `READY <port>` on stdout, and
 appends one JSON line per event to the log file given as its argument:
 
   {"event": "delivered", "mail_from": ..., "rcpt_tos": [...],
-   "message_id": ..., "bcc_header": bool, "sessions": N,
+   "message_id": ..., "bcc_header": bool, "tls": null or "TLSv1.3",
+   "user": null or the authenticated user name, "sessions": N,
    "max_sessions": N, "max_per_domain": {domain: N}}
 
 Every line carries the counts so far: the open sessions, the most seen at
@@ -20,17 +21,25 @@ Faults, chosen by a recipient's local part:
 
 Every DATA reply waits --data-delay seconds (0.05 by default), so that
 sessions overlap.
+
+TLS and AUTH, off by default:
+  --cert FILE --key FILE  the PEM certificate and key of the server
+  --tls starttls          offer STARTTLS (--require-starttls: demand it)
+  --tls implicit          TLS from the first byte, as on port 465
+  --auth USER:PASSWORD    offer AUTH PLAIN and LOGIN after TLS, accepting
+                          only this user name and password
 """
 
 import argparse
 import asyncio
 import json
 import socket
+import ssl
 import sys
 import threading
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, AuthResult
 
 
 class Counts:
@@ -81,8 +90,10 @@ class CountingSMTP(SMTP):
     counts = None
 
     def connection_made(self, transport):
-        self.domains = set()
-        self.counts.open_session()
+        # aiosmtpd calls this again after STARTTLS, on the same session.
+        if getattr(self, "_original_transport", None) is None:
+            self.domains = set()
+            self.counts.open_session()
         super().connection_made(transport)
 
     def connection_lost(self, error):
@@ -125,9 +136,12 @@ class Handler:
         for line in head.split(b"\r\n"):
             if line.lower().startswith(b"message-id:"):
                 message_id = line[11:].strip().decode("utf-8", "replace")
+        ssl_object = server.transport.get_extra_info("ssl_object")
         self.counts.write(
             {
                 "event": "delivered",
+                "tls": ssl_object.version() if ssl_object else None,
+                "user": session.auth_data.login.decode() if session.authenticated else None,
                 "mail_from": envelope.mail_from,
                 "rcpt_tos": envelope.rcpt_tos,
                 "message_id": message_id,
@@ -140,24 +154,76 @@ class Handler:
         return "250 2.0.0 queued"
 
 
+class Authenticator:
+    def __init__(self, user, password):
+        self.user = user.encode()
+        self.password = password.encode()
+
+    def __call__(self, server, session, envelope, mechanism, auth_data):
+        if auth_data.login == self.user and auth_data.password == self.password:
+            return AuthResult(success=True, auth_data=auth_data)
+        return AuthResult(success=False, handled=False)
+
+
 class SinkController(Controller):
+    def __init__(self, handler, smtp_options, **kwargs):
+        self.smtp_options = smtp_options
+        super().__init__(handler, **kwargs)
+
     def factory(self):
-        return CountingSMTP(self.handler, decode_data=False, enable_SMTPUTF8=True)
+        return CountingSMTP(
+            self.handler, decode_data=False, enable_SMTPUTF8=True, **self.smtp_options
+        )
+
+
+def tls_and_auth_options(args):
+    """Return the keyword arguments of the SMTP class and of the Controller
+    for the TLS and AUTH options."""
+    smtp_options = {}
+    controller_options = {}
+    if args.tls:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(args.cert, args.key)
+        if args.tls == "starttls":
+            smtp_options.update(
+                tls_context=context, require_starttls=args.require_starttls
+            )
+        else:
+            controller_options["ssl_context"] = context
+    if args.auth:
+        user, password = args.auth.split(":", 1)
+        smtp_options.update(
+            authenticator=Authenticator(user, password), auth_require_tls=True
+        )
+    return smtp_options, controller_options
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("log")
     parser.add_argument("--data-delay", type=float, default=0.05)
+    parser.add_argument("--cert")
+    parser.add_argument("--key")
+    parser.add_argument("--tls", choices=["starttls", "implicit"])
+    parser.add_argument("--require-starttls", action="store_true")
+    parser.add_argument("--auth", metavar="USER:PASSWORD")
     args = parser.parse_args()
+    smtp_options, controller_options = tls_and_auth_options(args)
+
     counts = Counts(args.log)
     CountingSMTP.counts = counts
+
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
     probe.close()
+
     controller = SinkController(
-        Handler(counts, args.data_delay), hostname="127.0.0.1", port=port
+        Handler(counts, args.data_delay),
+        smtp_options,
+        hostname="127.0.0.1",
+        port=port,
+        **controller_options,
     )
     controller.start()
     print(f"READY {port}", flush=True)

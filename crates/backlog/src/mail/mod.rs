@@ -61,12 +61,18 @@ impl MailConfig {
     ///
     /// # Errors
     ///
-    /// Fails on an invalid `--smtp` URL and on an input that cannot be
-    /// read.
+    /// Fails on an invalid `--smtp` URL, an invalid `--smtp-ca` file and
+    /// an input that cannot be read.
     pub fn from_args(args: MailArgs) -> anyhow::Result<Self> {
-        let server = smtp::parse_smtp_url(&args.smtp, |name| std::env::var(name).ok())
+        let mut server = smtp::parse_smtp_url(&args.smtp, |name| std::env::var(name).ok())
             .map_err(anyhow::Error::msg)
             .context("invalid --smtp")?;
+        if let Some(path) = &args.smtp_ca {
+            server
+                .trust_roots_from(path)
+                .map_err(anyhow::Error::msg)
+                .context("invalid --smtp-ca")?;
+        }
         let mut files = Vec::new();
         for input in &args.inputs {
             list_input(input, &mut files)?;

@@ -2,15 +2,18 @@
 //! reply: the `--smtp` URL, the runner and the jobs it runs.
 
 use std::future::Future;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
-use lettre::transport::smtp::client::{AsyncSmtpConnection, TlsParameters};
+use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParameters};
 use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
 use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
 use lettre::transport::smtp::response::Response;
 use lettre::transport::smtp::Error as SmtpError;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
 
 use super::domains::DomainLimits;
 use super::message::Envelope;
@@ -51,6 +54,49 @@ pub struct SmtpServer {
     pub tls: TlsMode,
     /// The user name and password from the environment, if set.
     pub credentials: Option<(String, String)>,
+    /// The DER certificates of `--smtp-ca`, trusted as roots besides the
+    /// bundled Mozilla roots.
+    pub extra_roots: Vec<Vec<u8>>,
+}
+
+impl SmtpServer {
+    /// Builds the TLS settings of a session: the server's host name to
+    /// check and the roots to trust.
+    fn tls_parameters(&self) -> Result<TlsParameters, SmtpError> {
+        let mut builder = TlsParameters::builder(self.host.clone());
+        for der in &self.extra_roots {
+            builder = builder.add_root_certificate(Certificate::from_der(der.clone())?);
+        }
+        builder.build()
+    }
+
+    /// Reads the PEM file of `--smtp-ca` into `extra_roots`.
+    ///
+    /// # Errors
+    ///
+    /// Fails, naming the file, when it cannot be read, is not valid PEM,
+    /// contains no certificate or contains a certificate that is not a
+    /// valid root.
+    pub fn trust_roots_from(&mut self, path: &Path) -> Result<(), String> {
+        let file = path.display();
+        let pem = std::fs::read(path).map_err(|error| format!("cannot read {file}: {error}"))?;
+        let roots = CertificateDer::pem_slice_iter(&pem)
+            .map(|der| der.map(|der| der.to_vec()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|error| format!("{file} is not a valid PEM file: {error}"))?;
+        if roots.is_empty() {
+            return Err(format!(
+                "{file} contains no certificate: expected PEM blocks that start with \
+                 -----BEGIN CERTIFICATE-----"
+            ));
+        }
+        self.extra_roots = roots;
+        // Building the TLS settings once checks every certificate now, not
+        // at the first session.
+        self.tls_parameters()
+            .map_err(|error| format!("{file} contains an invalid certificate: {error}"))?;
+        Ok(())
+    }
 }
 
 /// Parses `--smtp`: `smtp://host[:port][?starttls=required|never]` (port
@@ -122,6 +168,7 @@ pub fn parse_smtp_url(
         port: url.port().unwrap_or(default_port),
         tls,
         credentials,
+        extra_roots: Vec::new(),
     })
 }
 
@@ -226,7 +273,7 @@ impl SmtpRunner {
     async fn open(&self) -> Result<AsyncSmtpConnection, SessionFailure> {
         let server = &self.server;
         let tls_parameters = || {
-            TlsParameters::new(server.host.clone()).map_err(|error| SessionFailure {
+            server.tls_parameters().map_err(|error| SessionFailure {
                 code: None,
                 message: format!("cannot set up TLS: {error}"),
                 refused: false,
@@ -265,7 +312,11 @@ impl SmtpRunner {
             connection
                 .starttls(tls_parameters()?, &self.hello)
                 .await
-                .map_err(|error| session_failure(&error))?;
+                .map_err(|error| {
+                    let mut failure = session_failure(&error);
+                    failure.message = format!("STARTTLS failed: {}", failure.message);
+                    failure
+                })?;
         }
         if let Some((user, password)) = &server.credentials {
             let credentials = Credentials::new(user.clone(), password.clone());
@@ -401,10 +452,22 @@ fn session_failure(error: &SmtpError) -> SessionFailure {
         },
         None => SessionFailure {
             code: None,
-            message: error.to_string(),
+            message: without_repeated_prefix(error.to_string()),
             refused,
         },
     }
+}
+
+/// Removes a repeated first part of an error text: lettre wraps a failed
+/// TLS handshake twice, which reads "Connection error: Connection error:
+/// invalid peer certificate: UnknownIssuer".
+fn without_repeated_prefix(mut text: String) -> String {
+    if let Some((first, rest)) = text.split_once(": ") {
+        if rest.starts_with(first) && rest[first.len()..].starts_with(": ") {
+            text.drain(..first.len() + 2);
+        }
+    }
+    text
 }
 
 impl Runner for SmtpRunner {
@@ -505,6 +568,17 @@ mod tests {
             .unwrap_err()
             .contains("unknown URL parameter"));
         assert!(parse("http://h").unwrap_err().starts_with("unknown scheme"));
+    }
+
+    #[test]
+    fn repeated_error_prefix_is_removed() {
+        let twice = "Connection error: Connection error: invalid peer certificate".to_owned();
+        assert_eq!(
+            without_repeated_prefix(twice),
+            "Connection error: invalid peer certificate"
+        );
+        let once = "Connection error: Connection refused".to_owned();
+        assert_eq!(without_repeated_prefix(once.clone()), once);
     }
 
     #[test]
