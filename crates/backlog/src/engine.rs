@@ -26,7 +26,7 @@ use crate::halt::HaltCounter;
 use crate::journal::{
     self, Admission, AttemptEnd, AttemptRecord, Journal, JournalConfig, JournalError, Skip,
 };
-use crate::limits::Gate;
+use crate::limits::{Gate, StoppingGate};
 use crate::outcome::ItemOutcome;
 use crate::progress::{Progress, Summary};
 use crate::results::ResultsWriter;
@@ -306,7 +306,7 @@ where
             drive(backlog, &state, &sink_failed, gauge).await?
         }
         Some(limits) => {
-            let limiter = Gate::new(max_run, limits);
+            let limiter = StoppingGate::new(Gate::new(max_run, limits), stop.watch());
             let limiter_ref = &limiter;
             let key_of = |item: &Item| limits.key_of(item);
             let work = move |item: Item, permit: KeyedPermit<String>| {
@@ -323,10 +323,10 @@ where
                 };
                 item_run.run(item, (permit, reacquire), stop.watch())
             };
-            // `--halt` stops the run through `stop`, which ends `items`, so
-            // the items already in the look-ahead window still reach the
-            // consumer, as not started, instead of being dropped by a
-            // failure policy of the backlog.
+            // `--halt` and the signals stop the run through `stop`, which
+            // ends `items` and makes every waiting acquire fail. The items
+            // left in the look-ahead window are then dropped, and counted
+            // below as not started.
             let backlog = KeyedBacklog::from_stream_with_permits(&limiter, items, key_of, work)
                 .buffer(buffer_size(max_run, rules))
                 .for_each(consumer);
@@ -339,11 +339,16 @@ where
     if let Some(error) = state.fatal.take() {
         return Err(error);
     }
-    // A stop by the failure policy is `--halt`, which `consume` reports.
-    if let Some(reason @ StopReason::Limiter(_)) = report.stopped {
-        bail!("the backlog stopped early: {reason}");
+    // A stop by the failure policy is `--halt`, which `consume` reports, and
+    // a limiter error after a stop is the stop itself.
+    if let Some(reason @ StopReason::Limiter(_)) = &report.stopped {
+        if stop.level() < StopLevel::Soon {
+            bail!("the backlog stopped early: {reason}");
+        }
     }
-    Ok(state.sinks.progress.finish(gauge.max()))
+    let mut summary = state.sinks.progress.finish(gauge.max());
+    summary.not_started += report.not_started.len() as u64;
+    Ok(summary)
 }
 
 /// Returns how many items may be in flight at once: running, waiting for a

@@ -12,6 +12,7 @@ use deferred_semaphore::{
 
 use crate::cli::MAX_RUN_RANGE;
 use crate::source::{Item, ItemKind};
+use crate::stop::{StopLevel, StopWatch};
 use crate::template::Template;
 
 /// The accepted forms of a rate, for error messages.
@@ -161,6 +162,58 @@ impl Gate {
                 Gate::BothRates(RateLimited::new(per_key, rate))
             }
         }
+    }
+}
+
+/// A [`Gate`] whose waiting acquires stop waiting once the run starts
+/// stopping, so that no item waits out a slot or a rate token (up to an
+/// hour with `N/h`) after Ctrl-C or `--deadline`.
+///
+/// A waiting acquire then gets a permit of a semaphore with room for every
+/// item in flight instead, so that its item still reaches the engine, which
+/// starts nothing once the run is stopping and records the item as not
+/// started in the results file.
+#[derive(Debug)]
+pub struct StoppingGate {
+    gate: Gate,
+    stop: StopWatch,
+    stopped: KeyedSemaphore<String>,
+}
+
+impl StoppingGate {
+    /// Wraps `gate`, whose acquires give up once `stop` reaches
+    /// [`StopLevel::Soon`].
+    pub fn new(gate: Gate, stop: StopWatch) -> Self {
+        // More than the items a run holds in flight: the look-ahead window,
+        // the buffer and the retries waiting for a backoff.
+        const ROOM: usize = 1 << 24;
+        StoppingGate {
+            gate,
+            stop,
+            stopped: KeyedSemaphore::new(ROOM, ROOM),
+        }
+    }
+}
+
+impl KeyedLimiter<String> for StoppingGate {
+    type Permit = KeyedPermit<String>;
+    type Error = AcquireError;
+    type Acquire = GateAcquire;
+
+    fn acquire(&self, key: &String) -> GateAcquire {
+        let acquire = self.gate.acquire(key);
+        let stopped = KeyedLimiter::acquire(&self.stopped, key);
+        let mut stop = self.stop.clone();
+        Box::pin(async move {
+            tokio::select! {
+                permit = acquire => permit,
+                () = stop.reached(StopLevel::Soon) => stopped.await,
+            }
+        })
+    }
+
+    fn limit(&self) -> usize {
+        KeyedLimiter::<String>::limit(&self.gate)
     }
 }
 

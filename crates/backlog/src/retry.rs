@@ -192,7 +192,8 @@ impl<R: Runner> Attempts<'_, R> {
             }))
             .await;
             permit = wait_and_acquire(delay, &reacquire, stop.clone()).await;
-            if permit.is_none() {
+            // A permit granted as the run starts stopping starts nothing.
+            if permit.is_none() || stop.level() >= StopLevel::Soon {
                 let cause = stop.cause();
                 return (result, ItemOutcome::NotStarted { attempts, cause });
             }

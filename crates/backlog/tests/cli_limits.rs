@@ -248,3 +248,37 @@ fn halt_records_items_read_ahead() {
     assert_eq!(outcomes.len(), 6);
     assert_eq!(outcomes.iter().filter(|o| *o == "not_started").count(), 5);
 }
+
+#[test]
+fn deadline_ends_rate_waits_at_once() {
+    let dir = TempDir::new().unwrap();
+    let input = dir.path().join("in.txt");
+    let lines: String = (0..20).map(|n| format!("{n}\n")).collect();
+    std::fs::write(&input, lines).unwrap();
+    let started = std::time::Instant::now();
+    let output = cargo_bin_cmd!("backlog")
+        .args([
+            "run",
+            input.to_str().unwrap(),
+            "--rate",
+            "1/m",
+            "--deadline",
+            "1s",
+        ])
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+
+    assert_eq!(output.status.code(), Some(124), "{stderr}");
+    // Without the stop reaching the waiting acquires, the run would wait a
+    // minute per item read ahead.
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("done 1, failed 0, not started 19,"),
+        "{stderr}"
+    );
+}

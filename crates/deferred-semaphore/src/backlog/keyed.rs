@@ -345,8 +345,10 @@ where
             }
 
             // Step 7: finish once nothing is left to start, run or consume.
+            // A stop that came in step 5 leaves the window to step 3 of the
+            // next round, which records its items as not started.
             let no_more_work =
-                (this.progress.source_done && this.window.len == 0) || this.progress.stopping();
+                this.window.len == 0 && (this.progress.source_done || this.progress.stopping());
             let drained = this.running.is_empty() && this.outcomes.is_empty();
             if no_more_work && drained && this.consuming.is_none() {
                 this.acquiring.clear();
