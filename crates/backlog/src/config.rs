@@ -94,7 +94,7 @@ impl Config {
         if let (Some(results), Some(journal)) = (&args.results, &args.journal.journal) {
             check_not_same(journal, "the journal", "--results", results)?;
         }
-        let limits = key_limits(&args.limits, args.jsonl);
+        let limits = key_limits(&args.limits, args.jsonl)?;
         let progress_bar = std::io::stderr().is_terminal();
         let max_run = usize::try_from(args.max_run)
             .ok()
@@ -130,20 +130,41 @@ impl Config {
 
 /// Returns the limits per key and on the rate, or `None` when none was
 /// given, so that the run takes the plain path under `--max-run` alone.
-fn key_limits(args: &crate::cli::LimitArgs, jsonl: bool) -> Option<KeyLimits> {
+///
+/// # Errors
+///
+/// Fails when the `--per-key` template contains no placeholder, which would
+/// put every item under one key.
+fn key_limits(args: &crate::cli::LimitArgs, jsonl: bool) -> anyhow::Result<Option<KeyLimits>> {
     if args.per_key.is_none() && args.rate.is_none() {
-        return None;
+        return Ok(None);
     }
-    let key = args
-        .per_key
-        .as_ref()
-        .map(|per_key| Template::parse(std::slice::from_ref(&per_key.template), jsonl));
-    Some(KeyLimits {
+    let key = match &args.per_key {
+        Some(per_key) => {
+            let source = &per_key.template;
+            let template = Template::parse(std::slice::from_ref(source), jsonl);
+            if template.fixed_program().is_some() {
+                let fields = if jsonl {
+                    "a field such as {domain}"
+                } else {
+                    "a field such as {domain} with --jsonl"
+                };
+                bail!(
+                    "--per-key '{source}={}' contains no placeholder, so every item would \
+                     get the same key. Use {{}} for the whole item, or {fields}",
+                    per_key.limit
+                );
+            }
+            Some(template)
+        }
+        None => None,
+    };
+    Ok(Some(KeyLimits {
         key,
         per_key: args.per_key.as_ref().map(|per_key| per_key.limit),
         rate: args.rate.map(|rate| rate.to_rate(args.burst)),
         per_key_rate: args.per_key_rate.map(|rate| rate.to_rate(args.burst)),
-    })
+    }))
 }
 
 /// Returns whether items' output must be written with the progress bar

@@ -282,3 +282,20 @@ fn deadline_ends_rate_waits_at_once() {
         "{stderr}"
     );
 }
+
+#[test]
+fn per_key_without_placeholder_is_rejected() {
+    let dir = TempDir::new().unwrap();
+    let input = dir.path().join("in.txt");
+    std::fs::write(&input, "a\nb\n").unwrap();
+    for template in ["{domain}=1", "static=1"] {
+        cargo_bin_cmd!("backlog")
+            .args(["run", input.to_str().unwrap(), "--per-key", template])
+            .args(["--", "true"])
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains(format!(
+                "--per-key '{template}' contains no placeholder"
+            )));
+    }
+}

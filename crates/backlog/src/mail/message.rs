@@ -197,6 +197,7 @@ fn envelopes_with_identity(
         return Err("no recipient: no address in To, Cc or Bcc".to_owned());
     }
 
+    check_lines(bytes)?;
     let data: Arc<[u8]> = without_bcc(&bytes[..body_start], &bytes[body_start..]).into();
     let identity = identity.unwrap_or_else(|| {
         let message_id = headers
@@ -311,6 +312,39 @@ fn without_bcc(headers: &[u8], body: &[u8]) -> Vec<u8> {
         push_crlf_line(&mut out, line);
     }
     out
+}
+
+/// The longest line SMTP allows, without its CRLF (RFC 5321, 4.5.3.1.6).
+const MAX_LINE_BYTES: usize = 998;
+
+/// Checks what SMTP cannot carry as it is: a NUL byte, a carriage return
+/// that does not end a line (some servers take a bare CR before a dot for
+/// the end of the data, which lets one message smuggle another), and lines
+/// longer than [`MAX_LINE_BYTES`].
+fn check_lines(bytes: &[u8]) -> Result<(), String> {
+    for (number, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        let number = number + 1;
+        let content = line.strip_suffix(b"\r").unwrap_or(line);
+        if content.contains(&0) {
+            return Err(format!(
+                "line {number} contains a NUL byte, which SMTP cannot carry"
+            ));
+        }
+        if content.contains(&b'\r') {
+            return Err(format!(
+                "line {number} contains a carriage return that does not end the line; \
+                 SMTP needs CRLF or LF line ends"
+            ));
+        }
+        if content.len() > MAX_LINE_BYTES {
+            return Err(format!(
+                "line {number} is {} bytes long, and SMTP allows at most {MAX_LINE_BYTES}; \
+                 fold long header lines or wrap the body",
+                content.len()
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn push_crlf_line(out: &mut Vec<u8>, line: &[u8]) {
@@ -486,6 +520,26 @@ mod tests {
         assert!(!data.to_lowercase().contains("bcc"), "{data}");
         assert!(!data.contains("f@z.test"), "{data}");
         assert!(data.ends_with("\r\n\r\nbody\r\n"), "{data:?}");
+    }
+
+    #[test]
+    fn lines_smtp_cannot_carry_are_rejected() {
+        let head = "From: a@one.test\nTo: b@x.test\n\n";
+        let long = "x".repeat(999);
+        let cases = [
+            (
+                format!("{head}ok\r.\r\nMAIL FROM:<e@e.test>\n"),
+                "line 4 contains a carriage return",
+            ),
+            (format!("{head}a\0b\n"), "line 4 contains a NUL byte"),
+            (format!("{head}{long}\n"), "line 4 is 999 bytes long"),
+        ];
+        for (message, expected) in cases {
+            let error = envelopes(&place(), message.as_bytes(), MailKey::MessageId).unwrap_err();
+            assert!(error.starts_with(expected), "{error}");
+        }
+        let fits = format!("{head}{}\r\n", "x".repeat(998));
+        assert!(envelopes(&place(), fits.as_bytes(), MailKey::MessageId).is_ok());
     }
 
     #[test]

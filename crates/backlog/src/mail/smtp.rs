@@ -111,7 +111,10 @@ pub fn parse_smtp_url(
     text: &str,
     variable: impl Fn(&str) -> Option<String>,
 ) -> Result<SmtpServer, String> {
-    let url = url::Url::parse(text).map_err(|error| format!("invalid URL '{text}': {error}"))?;
+    let url = url::Url::parse(text).map_err(|error| {
+        let shown = without_credentials(text);
+        format!("invalid URL '{shown}': {error}")
+    })?;
     if url.password().is_some() || !url.username().is_empty() {
         return Err(format!(
             "the URL must not contain a user name or password, which would show in the process \
@@ -538,12 +541,38 @@ impl Runner for SmtpRunner {
     }
 }
 
+/// Returns `text` with anything between `://` and the `@` of its authority
+/// replaced by `***`, so that an error never shows a password.
+fn without_credentials(text: &str) -> String {
+    let Some((scheme, rest)) = text.split_once("://") else {
+        return text.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => text.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<SmtpServer, String> {
         parse_smtp_url(text, |_| None)
+    }
+
+    #[test]
+    fn invalid_url_error_hides_password() {
+        for text in [
+            "smtp://u:s3cret@127.0.0.1:99999",
+            "smtp://u:s3cret@127.0.0.1:abc",
+            "smtp://u:s3cret@[::1",
+        ] {
+            let error = parse_smtp_url(text, |_| None).unwrap_err();
+            assert!(!error.contains("s3cret"), "{error}");
+            assert!(error.contains("***@"), "{error}");
+        }
     }
 
     #[test]
