@@ -170,9 +170,9 @@ impl Gate {
 /// hour with `N/h`) after Ctrl-C or `--deadline`.
 ///
 /// A waiting acquire then gets a permit of a semaphore with room for every
-/// item in flight instead, so that its item still reaches the engine, which
-/// starts nothing once the run is stopping and records the item as not
-/// started in the results file.
+/// item in flight instead. Its item still reaches the engine, which starts
+/// nothing once the run is stopping and records the item as not started in
+/// the results file.
 #[derive(Debug)]
 pub struct StoppingGate {
     gate: Gate,
@@ -184,7 +184,7 @@ impl StoppingGate {
     /// Wraps `gate`, whose acquires give up once `stop` reaches
     /// [`StopLevel::Soon`].
     pub fn new(gate: Gate, stop: StopWatch) -> Self {
-        // More than the items a run holds in flight: the look-ahead window,
+        // More than the items a run has in flight: the look-ahead window,
         // the buffer and the retries waiting for a backoff.
         const ROOM: usize = 1 << 24;
         StoppingGate {

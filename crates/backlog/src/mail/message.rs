@@ -314,13 +314,14 @@ fn without_bcc(headers: &[u8], body: &[u8]) -> Vec<u8> {
     out
 }
 
-/// The longest line SMTP allows, without its CRLF (RFC 5321, 4.5.3.1.6).
+/// The maximum line length SMTP allows, without its CRLF (RFC 5321,
+/// 4.5.3.1.6).
 const MAX_LINE_BYTES: usize = 998;
 
-/// Checks what SMTP cannot carry as it is: a NUL byte, a carriage return
-/// that does not end a line (some servers take a bare CR before a dot for
-/// the end of the data, which lets one message smuggle another), and lines
-/// longer than [`MAX_LINE_BYTES`].
+/// Checks for what SMTP cannot carry as it is: a NUL byte, a carriage
+/// return that does not end a line, and lines longer than
+/// [`MAX_LINE_BYTES`]. Some servers take a bare CR before a dot for the end
+/// of the data, which would let one message smuggle another.
 fn check_lines(bytes: &[u8]) -> Result<(), String> {
     for (number, line) in bytes.split(|&b| b == b'\n').enumerate() {
         let number = number + 1;
