@@ -56,6 +56,10 @@ pub struct ItemRules {
     pub halt: Halt,
     /// `--per-key` and the rates, if any was given.
     pub limits: Option<KeyLimits>,
+    /// Whether an item whose journal key an earlier item of the same run
+    /// took fails (`backlog mail`, where it means two messages share a
+    /// Message-ID) instead of being skipped (`backlog run`).
+    pub duplicate_keys_fail: bool,
 }
 
 impl Config {
@@ -121,6 +125,7 @@ impl Config {
                 timeout: args.stop.timeout,
                 halt: args.stop.halt,
                 limits,
+                duplicate_keys_fail: false,
             },
             kill_after: args.stop.kill_after,
             deadline: args.stop.deadline,

@@ -296,6 +296,7 @@ where
                     attempts: attempts_ref,
                     state: state_ref,
                     journal,
+                    duplicate_keys_fail: rules.duplicate_keys_fail,
                 };
                 item_run.run(item, (permit, reacquire), stop.watch())
             };
@@ -320,6 +321,7 @@ where
                     attempts: attempts_ref,
                     state: state_ref,
                     journal,
+                    duplicate_keys_fail: rules.duplicate_keys_fail,
                 };
                 item_run.run(item, (permit, reacquire), stop.watch())
             };
@@ -402,6 +404,7 @@ struct ItemRun<'a, 'r, 's, J, R, W, F: Write> {
     attempts: &'a Attempts<'r, R>,
     state: &'a Mutex<SinkState<'s, W, F>>,
     journal: Option<&'a Journal>,
+    duplicate_keys_fail: bool,
 }
 
 impl<'a, 'r, 's, J, R, W, F> ItemRun<'a, 'r, 's, J, R, W, F>
@@ -438,6 +441,7 @@ async fn run_item<J, R, W, F: Write, P, A, AF>(
         attempts,
         state,
         journal,
+        duplicate_keys_fail,
     }: ItemRun<'_, '_, '_, J, R, W, F>,
     stop: StopWatch,
 ) -> Result<Finished, Finished>
@@ -457,6 +461,19 @@ where
     let key = match admission {
         Admission::Run { key, .. } => Some(key),
         Admission::Untracked => None,
+        Admission::Skip(Skip::Duplicate { first_line }) if duplicate_keys_fail => {
+            let reason = format!(
+                "same journal key as item {first_line}: both have the same Message-ID (or \
+                 the same bytes) and domain. Give each message its own Message-ID, or use \
+                 --key sha256"
+            );
+            let result = ItemResult::failed(reason.clone());
+            let outcome = ItemOutcome::Failed {
+                attempts: 0,
+                last_error: reason,
+            };
+            return Err(Finished::new(item, result, outcome, Journaled::Recorded));
+        }
         Admission::Skip(skip) => {
             let outcome = ItemOutcome::NotStarted {
                 attempts: 0,
@@ -769,6 +786,7 @@ mod tests {
             timeout: None,
             halt: crate::halt::Halt::Never,
             limits: None,
+            duplicate_keys_fail: false,
         }
     }
 

@@ -350,6 +350,27 @@ fn mail_busy_domain_holds_up_no_other() {
 }
 
 #[test]
+fn mail_shared_message_id_fails_under_journal() {
+    let dir = TempDir::new().unwrap();
+    let Some(sink) = Sink::start(dir.path(), 0.0) else {
+        return;
+    };
+    let outbox = dir.path().join("outbox");
+    std::fs::create_dir(&outbox).unwrap();
+    write_message(&outbox, "1.eml", "dup@origin.test", "To: alice@a.test");
+    write_message(&outbox, "2.eml", "dup@origin.test", "To: bob@a.test");
+
+    let url = sink.url();
+    let args = ["--smtp", &url, "--journal", "j.db", "outbox"];
+    let output = mail(dir.path(), &args);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("same journal key as item 1"), "{stderr}");
+    let received = sink.received();
+    assert_eq!(received.len(), 1, "{received:?}");
+}
+
+#[test]
 fn mail_faults_get_their_outcome() {
     let dir = TempDir::new().unwrap();
     let Some(sink) = Sink::start(dir.path(), 0.0) else {

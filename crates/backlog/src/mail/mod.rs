@@ -115,6 +115,7 @@ impl MailConfig {
                 halt: args.halt,
                 // Keyed by domain: an envelope waits for its domain's slot
                 // without holding a --max-run slot, and other domains go on.
+                duplicate_keys_fail: true,
                 limits: Some(KeyLimits {
                     key: None,
                     per_key: NonZeroUsize::new(args.per_domain as usize),
