@@ -280,24 +280,25 @@ where
         timeout: rules.timeout,
     };
     let (state_ref, failed_ref, gauge) = (&state, &sink_failed, runner.gauge());
-    let (attempts_ref, halt_ref) = (&attempts, &halt);
+    let halt_ref = &halt;
 
     let mut stopping = stop.watch();
     let items = items.take_until(async move { stopping.reached(StopLevel::Soon).await });
     let consumer = move |outcome| consume(outcome, state_ref, failed_ref, gauge, (halt_ref, stop));
+    // The same for every item, whichever limiter grants its permit.
+    let item_run = ItemRun {
+        template,
+        attempts: &attempts,
+        state: &state,
+        journal,
+        duplicate_keys_fail: rules.duplicate_keys_fail,
+    };
     let report = match &rules.limits {
         None => {
             let limiter = DeferredSemaphore::new(max_run.get());
             let limiter_ref = &limiter;
             let work = move |item: Item, permit: OwnedPermit| {
                 let reacquire = move || async move { limiter_ref.acquire_owned().await.ok() };
-                let item_run = ItemRun {
-                    template,
-                    attempts: attempts_ref,
-                    state: state_ref,
-                    journal,
-                    duplicate_keys_fail: rules.duplicate_keys_fail,
-                };
                 item_run.run(item, (permit, reacquire), stop.watch())
             };
             let backlog = Backlog::from_stream_with_permits(&limiter, items, work)
@@ -316,19 +317,12 @@ where
                     let acquire = KeyedLimiter::acquire(limiter_ref, &key);
                     async move { acquire.await.ok() }
                 };
-                let item_run = ItemRun {
-                    template,
-                    attempts: attempts_ref,
-                    state: state_ref,
-                    journal,
-                    duplicate_keys_fail: rules.duplicate_keys_fail,
-                };
                 item_run.run(item, (permit, reacquire), stop.watch())
             };
             // `--halt` and the signals stop the run through `stop`, which
-            // ends `items` and makes every waiting acquire fail. The items
-            // left in the look-ahead window are then dropped, and counted
-            // below as not started.
+            // ends `items` and lets every waiting acquire through at once
+            // (see `StoppingGate`), so the items in the look-ahead window
+            // reach the consumer as not started.
             let backlog = KeyedBacklog::from_stream_with_permits(&limiter, items, key_of, work)
                 .buffer(buffer_size(max_run, rules))
                 .for_each(consumer);
@@ -406,6 +400,15 @@ struct ItemRun<'a, 'r, 's, J, R, W, F: Write> {
     journal: Option<&'a Journal>,
     duplicate_keys_fail: bool,
 }
+
+// Only references and a flag, so it copies whatever its type parameters are.
+impl<J, R, W, F: Write> Clone for ItemRun<'_, '_, '_, J, R, W, F> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<J, R, W, F: Write> Copy for ItemRun<'_, '_, '_, J, R, W, F> {}
 
 impl<'a, 'r, 's, J, R, W, F> ItemRun<'a, 'r, 's, J, R, W, F>
 where
