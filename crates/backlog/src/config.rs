@@ -147,19 +147,9 @@ fn key_limits(args: &crate::cli::LimitArgs, jsonl: bool) -> anyhow::Result<Optio
     let key = match &args.per_key {
         Some(per_key) => {
             let source = &per_key.template;
-            let template = Template::parse(std::slice::from_ref(source), jsonl);
-            if template.fixed_program().is_some() {
-                let fields = if jsonl {
-                    "a field such as {domain}"
-                } else {
-                    "a field such as {domain} with --jsonl"
-                };
-                bail!(
-                    "--per-key '{source}={}' contains no placeholder, so every item would \
-                     get the same key. Use {{}} for the whole item, or {fields}",
-                    per_key.limit
-                );
-            }
+            let option = format!("--per-key '{source}={}'", per_key.limit);
+            let template = Template::parse_key(source, jsonl, &option, "domain")
+                .map_err(anyhow::Error::msg)?;
             Some(template)
         }
         None => None,

@@ -75,7 +75,8 @@ pub struct Summary {
     pub wall_time: Duration,
     /// The maximum number of commands seen running at once.
     pub max_running: usize,
-    /// What ran: `command` by default, or `SMTP session`.
+    /// The name of a unit of work in the summary: `command` by default, or
+    /// `SMTP session`.
     pub what_ran: Option<&'static str>,
 }
 
@@ -84,7 +85,7 @@ pub struct Summary {
 pub struct Failure {
     /// The 1-based line number of the item.
     pub line: u64,
-    /// Where the item is, as `line N` or an email's file.
+    /// The item's position, as `line N` or an email's file.
     pub place: String,
     /// The reason it failed.
     pub reason: String,

@@ -54,8 +54,8 @@ pub enum ItemKind {
     Mail(std::sync::Arc<crate::mail::message::Envelope>),
     /// A message of `backlog mail` that cannot be sent, with the reason.
     Unsendable {
-        /// Where the message is: its file, and its number in an mbox or its
-        /// line in JSON Lines.
+        /// The message's position: its file, and its number in an mbox or
+        /// its line in JSON Lines.
         place: String,
         /// The reason it cannot be sent.
         reason: String,

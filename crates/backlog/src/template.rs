@@ -83,6 +83,31 @@ impl Template {
         None
     }
 
+    /// Parses a one-argument template that makes an item's key, such as
+    /// `--key` or `--per-key`. `option` is the option as given and
+    /// `example` a field to suggest, both for the error.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the template contains no placeholder, which would give
+    /// every item the same key.
+    pub fn parse_key(
+        source: &str,
+        fields: bool,
+        option: &str,
+        example: &str,
+    ) -> Result<Self, String> {
+        let template = Template::parse(&[source.to_owned()], fields);
+        if template.fixed_program().is_none() {
+            return Ok(template);
+        }
+        let needs = if fields { "" } else { " with --jsonl" };
+        Err(format!(
+            "{option} contains no placeholder, so every item would get the same key. \
+             Use {{}} for the whole item, or a field such as {{{example}}}{needs}"
+        ))
+    }
+
     /// Renders the argument vector for one item.
     pub fn render(&self, item: &ItemKind) -> Result<Vec<String>, FieldNotFound> {
         self.args.iter().map(|arg| render_arg(arg, item)).collect()

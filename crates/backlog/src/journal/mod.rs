@@ -177,18 +177,9 @@ impl JournalConfig {
         };
         let key = match args.key {
             Some(source) => {
-                let template = Template::parse(std::slice::from_ref(&source), jsonl);
-                if template.fixed_program().is_some() {
-                    let fields = if jsonl {
-                        "a field such as {email}"
-                    } else {
-                        "a field such as {email} with --jsonl"
-                    };
-                    anyhow::bail!(
-                        "--key '{source}' contains no placeholder, so every item would get \
-                         the same key. Use {{}} for the whole item, or {fields}"
-                    );
-                }
+                let option = format!("--key '{source}'");
+                let template = Template::parse_key(&source, jsonl, &option, "email")
+                    .map_err(anyhow::Error::msg)?;
                 KeyRule::Template { template, source }
             }
             None => KeyRule::Hash,
