@@ -24,7 +24,7 @@ pub enum Error {
     },
     /// The URL, namespace, key or option is not valid.
     Config(String),
-    /// Redis answered with an error.
+    /// Redis returned an error.
     Redis(String),
 }
 

@@ -66,7 +66,7 @@ use std::time::Duration;
 /// Settings of a [`RedisLimiter`].
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// The longest a waiter sleeps between two tries when no wake-up
+    /// The maximum sleep of a waiter between two tries when no wake-up
     /// arrives. Default 1 s.
     pub poll_max: Duration,
     /// How long `acquire` keeps trying while Redis cannot be reached before

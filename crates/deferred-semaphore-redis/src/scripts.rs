@@ -5,10 +5,10 @@
 //! public for tools and tests that need one round trip at a time, such as a
 //! status command or a test of a single reply.
 //!
-//! Every script reads the time with Redis `TIME`, never from the client,
-//! receives every key it touches in `KEYS` (all under the `{NAME}` hash tag,
-//! so one script may touch them all, also on Redis Cluster) and returns
-//! integers and arrays, never error replies, for normal outcomes.
+//! Every script reads the time with Redis `TIME`, never from the client.
+//! Each receives every key it touches in `KEYS`, all under the `{NAME}` hash
+//! tag, so one script may touch them all, also on Redis Cluster. Normal
+//! outcomes come back as integers and arrays, never as error replies.
 
 use std::time::Duration;
 
@@ -20,7 +20,7 @@ use crate::error::Error;
 /// The lease used when the namespace stores none, in milliseconds.
 pub const DEFAULT_LEASE_MS: u64 = 30_000;
 
-/// The longest retry hint a busy reply carries, in milliseconds.
+/// The maximum retry hint of a busy reply, in milliseconds.
 const HINT_CAP_MS: u64 = 60_000;
 
 /// A validated namespace name and the Redis key names derived from it.
@@ -364,8 +364,8 @@ impl Scripts {
     /// the key's set, all or nothing.
     ///
     /// `token` goes into a new epoch if the namespace state must be
-    /// recreated; `fallback_lease` is the lease to use for that grace when
-    /// the limits hash is gone too (zero: 30 s).
+    /// recreated. `fallback_lease` is the length of that grace when the
+    /// limits hash is gone too (zero means 30 s).
     #[allow(clippy::too_many_arguments)]
     pub async fn acquire<C: ConnectionLike>(
         &self,

@@ -25,9 +25,9 @@ impl Wakes {
         }
     }
 
-    /// Dispatches one message of the wake channel: a key name wakes that
-    /// key's waiters and every waiter on the global count; an empty message
-    /// wakes everyone.
+    /// Dispatches one message of the wake channel. A key name wakes that
+    /// key's waiters and every waiter on the global count. An empty message
+    /// wakes every waiter.
     pub(crate) fn dispatch(&self, payload: &str) {
         let keys = self.keys.lock().expect("wake map lock");
         if payload.is_empty() {
