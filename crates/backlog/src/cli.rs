@@ -283,7 +283,7 @@ pub struct LimitsArgs {
     /// limit of its own, or `none` to hold such keys by the global limit
     /// alone.
     #[arg(long, value_name = "N|none", value_parser = parse_optional_limit)]
-    pub per_key_default: Option<Option<u64>>,
+    pub per_key_default: Option<PerKeyDefault>,
 
     /// Sets the maximum number of leases at once of one key, as KEY=N.
     /// Repeat it for several keys.
@@ -430,13 +430,17 @@ fn parse_limit(value: &str) -> Result<u64, String> {
     }
 }
 
+/// The value of `--per-key-default`: a limit, or `None` for `none`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PerKeyDefault(pub Option<u64>);
+
 /// Parses `--per-key-default`: a limit, or `none`.
-fn parse_optional_limit(value: &str) -> Result<Option<u64>, String> {
+fn parse_optional_limit(value: &str) -> Result<PerKeyDefault, String> {
     if value == "none" {
-        return Ok(None);
+        return Ok(PerKeyDefault(None));
     }
     parse_limit(value)
-        .map(Some)
+        .map(|limit| PerKeyDefault(Some(limit)))
         .map_err(|_| format!("expected a whole number from 1 or `none` (got '{value}')"))
 }
 

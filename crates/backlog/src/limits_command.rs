@@ -49,7 +49,7 @@ fn changes(args: &LimitsArgs) -> Vec<LimitChange> {
         changes.push(LimitChange::Global(global));
     }
     if let Some(default) = args.per_key_default {
-        changes.push(LimitChange::PerKeyDefault(default));
+        changes.push(LimitChange::PerKeyDefault(default.0));
     }
     for (key, limit) in &args.keys {
         changes.push(LimitChange::Key(key.clone(), Some(*limit)));
