@@ -1,14 +1,72 @@
 //! Concurrency limits shared by many processes through Redis.
 //!
-//! SKELETON: the public surface below is fixed; the bodies are filled in
-//! by the implementation.
+//! A [`RedisLimiter`] hands out [`RedisPermit`]s under a global limit and,
+//! optionally, a limit per key (such as a destination domain). The counts
+//! live in Redis under a namespace, so every process that connects to the
+//! same server and namespace shares them. The limits themselves are stored
+//! in Redis too; clients read them and never choose them.
+//!
+//! Each permit is a lease that expires on the Redis server's clock unless
+//! its process renews it. A dead or stopped holder therefore gives its
+//! capacity back after one lease, and a holder that cannot renew stops by
+//! itself at a local deadline ([`RedisPermit::deadline`],
+//! [`RedisPermit::lost`]). Each grant carries a fencing token
+//! ([`RedisPermit::fence`]) that grows with every grant of the namespace.
+//!
+//! The limiter fails closed: while Redis cannot be reached no permit is
+//! granted, and `acquire_*` fails with [`Error::Unavailable`] after
+//! [`Options::unavailable_after`]. After Redis lost its data (a restart
+//! without persistence) nothing is granted for one lease, so that every
+//! holder from before the loss has stopped first.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use deferred_semaphore_redis::{LimitChange, Options, RedisLimiter};
+//!
+//! # async fn example() -> Result<(), deferred_semaphore_redis::Error> {
+//! let limiter = RedisLimiter::connect("redis://127.0.0.1:6400", "smtp", Options::default()).await?;
+//! // Usually set once by an operator (`backlog limits ...`), not by workers.
+//! limiter.set_limit(LimitChange::Global(20)).await?;
+//! limiter.set_limit(LimitChange::PerKeyDefault(Some(2))).await?;
+//!
+//! let permit = limiter.acquire_key("example.com").await?;
+//! // Check before every step that must not run without the lease.
+//! if !permit.is_lost() {
+//!     println!("sending with fence {}", permit.fence());
+//! }
+//! permit.release().await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Redis layout
+//!
+//! All keys of namespace `NAME` share the hash tag `{NAME}`; see
+//! [`scripts::Namespace`] for each key. The count of a limit is the number
+//! of unexpired members of its sorted set; there is no separate counter.
+//! Run the server with `maxmemory-policy noeviction`: an evicted set would
+//! let more holders in than the limit.
 
-use std::time::{Duration, Instant};
+mod error;
+mod lease;
+mod limiter;
+mod permit;
+pub mod scripts;
+mod stats;
+mod wake;
+
+pub use error::Error;
+pub use limiter::RedisLimiter;
+pub use permit::RedisPermit;
+pub use stats::Stats;
+
+use std::time::Duration;
 
 /// Settings of a [`RedisLimiter`].
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// The longest a waiter sleeps between two tries when no wake-up
+    /// The maximum sleep of a waiter between two tries when no wake-up
     /// arrives. Default 1 s.
     pub poll_max: Duration,
     /// How long `acquire` keeps trying while Redis cannot be reached before
@@ -20,36 +78,26 @@ pub struct Options {
 }
 
 impl Default for Options {
+    /// `poll_max` 1 s, `unavailable_after` 30 s, `holder` `hostname:pid`.
     fn default() -> Self {
-        unimplemented!()
+        Self {
+            poll_max: Duration::from_secs(1),
+            unavailable_after: Duration::from_secs(30),
+            holder: default_holder(),
+        }
     }
 }
 
-/// Why a permit could not be granted or a limit could not be read or set.
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum Error {
-    /// Redis could not be reached for longer than
-    /// [`Options::unavailable_after`].
-    Unavailable {
-        url: String,
-        waited: Duration,
-        last_error: String,
-    },
-    /// The namespace has no global limit stored in Redis.
-    NoLimit { namespace: String },
-    /// The URL or namespace is not valid.
-    Config(String),
-    /// Redis answered with an error.
-    Redis(String),
+/// `hostname:pid`, with `unknown` when the host name cannot be read.
+fn default_holder() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned());
+    format!("{host}:{}", std::process::id())
 }
-
-impl std::fmt::Display for Error {
-    fn fmt(&self, _f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        unimplemented!()
-    }
-}
-impl std::error::Error for Error {}
 
 /// The limits of a namespace as stored in Redis.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,12 +114,17 @@ pub struct Limits {
     pub lease: Duration,
 }
 
-/// One change to the stored limits.
+/// One change to the stored limits, for [`RedisLimiter::set_limit`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LimitChange {
+    /// The limit over all keys. Zero grants nothing until it is raised.
     Global(u64),
+    /// The limit of every key without one of its own; `None` removes it.
     PerKeyDefault(Option<u64>),
+    /// The limit of one key; `None` removes it, so the default applies.
     Key(String, Option<u64>),
+    /// The lease of every client of the namespace, at least 200 ms. It
+    /// applies from each lease's next grant or renewal.
     Lease(Duration),
 }
 
@@ -80,96 +133,15 @@ pub enum LimitChange {
 pub struct Holder {
     /// The limited key (`None` for the global count only).
     pub key: Option<String>,
+    /// The lease id, the member of the namespace's sorted sets.
     pub lease_id: String,
+    /// The label from [`Options::holder`] of the process holding it.
     pub holder: String,
+    /// The fencing token of the grant.
     pub fence: u64,
     /// Time since the grant, on the Redis server's clock.
     pub age: Duration,
-    /// Time left before the lease expires; zero when already expired.
+    /// Time left before the lease expires; only unexpired leases are
+    /// listed.
     pub expires_in: Duration,
-}
-
-/// A limiter whose counts live in Redis, shared by every process that uses
-/// SKELETON NOTE: also implements `deferred_semaphore::Limiter` (global
-/// limit only; `limit()` is the last known global limit, at least 1) and
-/// `deferred_semaphore::KeyedLimiter<K: AsRef<str>>` (global + key).
-/// A limiter whose counts live in Redis, shared by every process that uses
-/// the same URL and namespace. Cheap to clone.
-#[derive(Debug, Clone)]
-pub struct RedisLimiter {}
-
-impl RedisLimiter {
-    /// Connects to `url` (`redis://[user:password@]host:port[/db]`) and
-    /// uses the limits stored under `namespace`. Starts the heartbeat and
-    /// the wake-up listener on the current tokio runtime.
-    pub async fn connect(_url: &str, _namespace: &str, _options: Options) -> Result<Self, Error> {
-        unimplemented!()
-    }
-
-    /// Waits for a permit under the global limit only.
-    pub async fn acquire_global(&self) -> Result<RedisPermit, Error> {
-        unimplemented!()
-    }
-
-    /// Waits for a permit under the global limit and the limit of `key`,
-    /// taken together.
-    pub async fn acquire_key(&self, _key: &str) -> Result<RedisPermit, Error> {
-        unimplemented!()
-    }
-
-    /// The global limit as last read from Redis.
-    pub fn global_limit(&self) -> Option<u64> {
-        unimplemented!()
-    }
-
-    /// Reads the stored limits.
-    pub async fn limits(&self) -> Result<Limits, Error> {
-        unimplemented!()
-    }
-
-    /// Stores a limit; waiters are woken when it grows. Shrinking never
-    /// takes back leases already granted.
-    pub async fn set_limit(&self, _change: LimitChange) -> Result<(), Error> {
-        unimplemented!()
-    }
-
-    /// Lists every live lease of the namespace.
-    pub async fn holders(&self) -> Result<Vec<Holder>, Error> {
-        unimplemented!()
-    }
-}
-
-/// A lease on one unit of work. Dropping it releases the lease in the
-/// background.
-#[derive(Debug)]
-pub struct RedisPermit {}
-
-impl RedisPermit {
-    /// The fencing token of this grant: larger than every token granted
-    /// before it in the namespace.
-    pub fn fence(&self) -> u64 {
-        unimplemented!()
-    }
-
-    /// The local moment after which this holder must treat the lease as
-    /// lost, unless a renewal moves it later.
-    pub fn deadline(&self) -> Instant {
-        unimplemented!()
-    }
-
-    /// Whether the lease is known lost or past its deadline.
-    pub fn is_lost(&self) -> bool {
-        unimplemented!()
-    }
-
-    /// Resolves when the lease is lost: a renewal found it gone, the
-    /// namespace's state was reset, or the deadline passed.
-    pub fn lost(&self) -> futures_util::future::BoxFuture<'static, ()> {
-        unimplemented!()
-    }
-
-    /// Releases the lease and waits for Redis to confirm.
-    pub async fn release(self) -> Result<(), Error> {
-        unimplemented!()
-    }
 }

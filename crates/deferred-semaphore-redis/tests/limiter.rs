@@ -1,0 +1,336 @@
+//! The limiter as a client: many tasks, faults of the server, cancel
+//! safety. Each test starts its own redis-server.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deferred_semaphore::{KeyedLimiter, Limiter};
+use deferred_semaphore_redis::scripts::Namespace;
+use deferred_semaphore_redis::{Error, LimitChange, Options, RedisLimiter};
+use test_redis::{Persistence, RedisServer};
+
+const NS: &str = "t";
+
+/// Stores `global` and `lease` for namespace `t`, with the namespace state
+/// already present so that no grace applies.
+fn prepare(server: &RedisServer, lease: Duration, global: u64) {
+    let ns = Namespace::new(NS).unwrap();
+    let lease_ms = lease.as_millis().to_string();
+    let global = global.to_string();
+    server.command(&[
+        "HSET",
+        &ns.limits_key(),
+        "lease_ms",
+        &lease_ms,
+        "global",
+        &global,
+    ]);
+    server.command(&[
+        "HSET",
+        &ns.meta_key(),
+        "epoch",
+        "e0",
+        "grace_until",
+        "0",
+        "fence",
+        "0",
+    ]);
+}
+
+fn options() -> Options {
+    Options {
+        poll_max: Duration::from_millis(200),
+        unavailable_after: Duration::from_secs(2),
+        holder: "test".into(),
+    }
+}
+
+fn count(server: &RedisServer, key: Option<&str>) -> String {
+    let ns = Namespace::new(NS).unwrap();
+    server
+        .command(&["ZCARD", &ns.holders_key(key)])
+        .trim()
+        .to_owned()
+}
+
+/// Waits up to `limit` for the set of `key` to empty.
+async fn wait_empty(server: &RedisServer, key: Option<&str>, limit: Duration) {
+    let start = Instant::now();
+    while count(server, key) != ":0" {
+        assert!(
+            start.elapsed() < limit,
+            "set {key:?} still holds {} after {limit:?}",
+            count(server, key)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_tasks_stay_within_limit() {
+    let Some(server) = RedisServer::start(Persistence::None) else {
+        return;
+    };
+    prepare(&server, Duration::from_secs(5), 3);
+    let limiter = RedisLimiter::connect(&server.url(), NS, options())
+        .await
+        .unwrap();
+    assert_eq!(Limiter::limit(&limiter), 3);
+    let active = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..24 {
+        let limiter = limiter.clone();
+        let active = active.clone();
+        let peak = peak.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..3 {
+                let permit = Limiter::acquire(&limiter).await.unwrap();
+                let now = active.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                active.fetch_sub(1, Ordering::SeqCst);
+                drop(permit);
+            }
+        }));
+    }
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("tasks finish within 30 s")
+            .unwrap();
+    }
+    let peak = peak.load(Ordering::SeqCst);
+    assert!(peak <= 3, "{peak} holders at once under a limit of 3");
+    assert!(peak >= 1);
+    assert_eq!(limiter.stats().grants, 72);
+    wait_empty(&server, None, Duration::from_secs(3)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_permits_all_come_back() {
+    let Some(server) = RedisServer::start(Persistence::None) else {
+        return;
+    };
+    prepare(&server, Duration::from_secs(5), 4);
+    let limiter = RedisLimiter::connect(&server.url(), NS, options())
+        .await
+        .unwrap();
+    limiter
+        .set_limit(LimitChange::PerKeyDefault(Some(1)))
+        .await
+        .unwrap();
+    let per_key: Vec<Arc<AtomicUsize>> = (0..2).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let limiter = limiter.clone();
+        let active = per_key[i % 2].clone();
+        let key = format!("k{}", i % 2);
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..2 {
+                let permit = KeyedLimiter::acquire(&limiter, &key).await.unwrap();
+                let now = active.fetch_add(1, Ordering::SeqCst) + 1;
+                assert_eq!(now, 1, "two holders of {key} under a key limit of 1");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                active.fetch_sub(1, Ordering::SeqCst);
+                permit.release().await.unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("tasks finish within 30 s")
+            .unwrap();
+    }
+    for key in [None, Some("k0"), Some("k1")] {
+        assert_eq!(count(&server, key), ":0", "set {key:?}");
+    }
+    assert!(limiter.holders().await.unwrap().is_empty());
+    let stats = limiter.stats();
+    assert_eq!(stats.grants, 24);
+    assert_eq!(stats.release_calls, 24);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_fires_when_server_paused() {
+    let Some(server) = RedisServer::start(Persistence::None) else {
+        return;
+    };
+    prepare(&server, Duration::from_secs(1), 2);
+    let limiter = RedisLimiter::connect(&server.url(), NS, options())
+        .await
+        .unwrap();
+    let permit = limiter.acquire_global().await.unwrap();
+    assert!(!permit.is_lost());
+    // The heartbeat keeps the lease past its first deadline.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!permit.is_lost(), "renewals keep a live lease");
+
+    server.pause();
+    let lost = tokio::time::timeout(Duration::from_secs(3), permit.lost()).await;
+    let fired_at = Instant::now();
+    server.resume();
+    assert!(lost.is_ok(), "lost() did not fire within 3 s of a pause");
+    assert!(permit.is_lost());
+    assert!(
+        fired_at >= permit.deadline(),
+        "lost() fired before the deadline"
+    );
+    assert!(limiter.stats().lost >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unavailable_after_server_killed() {
+    let Some(mut server) = RedisServer::start(Persistence::None) else {
+        return;
+    };
+    prepare(&server, Duration::from_secs(5), 2);
+    let options = Options {
+        unavailable_after: Duration::from_millis(1500),
+        ..options()
+    };
+    let limiter = RedisLimiter::connect(&server.url(), NS, options)
+        .await
+        .unwrap();
+    server.kill();
+    let start = Instant::now();
+    let result = tokio::time::timeout(Duration::from_secs(15), limiter.acquire_global())
+        .await
+        .expect("acquire gives up within 15 s");
+    match result {
+        Err(Error::Unavailable { url, waited, .. }) => {
+            assert_eq!(url, server.url());
+            assert!(waited >= Duration::from_millis(1500), "{waited:?}");
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    assert!(start.elapsed() >= Duration::from_millis(1500));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_acquires_leak_nothing() {
+    let Some(server) = RedisServer::start(Persistence::None) else {
+        return;
+    };
+    let lease = Duration::from_millis(800);
+    prepare(&server, lease, 2);
+    let limiter = RedisLimiter::connect(&server.url(), NS, options())
+        .await
+        .unwrap();
+    let holder = limiter.acquire_global().await.unwrap();
+    for i in 0..40u64 {
+        // Cut each acquire at a different point: before the call, while
+        // the script runs, or after a grant.
+        let cut = Duration::from_micros(i * 150);
+        let _ = tokio::time::timeout(cut, limiter.acquire_key("k")).await;
+    }
+    // Waiters blocked on a full limit, dropped mid-wait.
+    let blocker = limiter.acquire_global().await.unwrap();
+    for _ in 0..5 {
+        let _ = tokio::time::timeout(Duration::from_millis(50), limiter.acquire_global()).await;
+    }
+    drop(blocker);
+    holder.release().await.unwrap();
+    // Every grant is released by its dropped permit, well before a lease.
+    wait_empty(&server, None, lease).await;
+    assert_eq!(count(&server, Some("k")), ":0");
+    tokio::time::sleep(lease).await;
+    assert_eq!(count(&server, None), ":0");
+    assert!(limiter.holders().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limit_growth_wakes_waiter() {
+    let Some(server) = RedisServer::start(Persistence::None) else {
+        return;
+    };
+    prepare(&server, Duration::from_secs(10), 1);
+    // Only a wake-up can end the wait quickly: both the retry hint (the
+    // holder's expiry) and poll_max are long.
+    let options = Options {
+        poll_max: Duration::from_secs(20),
+        ..options()
+    };
+    let limiter = RedisLimiter::connect(&server.url(), NS, options)
+        .await
+        .unwrap();
+    let _holder = limiter.acquire_global().await.unwrap();
+    let waiter = {
+        let limiter = limiter.clone();
+        tokio::spawn(async move { limiter.acquire_global().await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiter.is_finished());
+    let before = limiter.stats().acquire_calls;
+    limiter.set_limit(LimitChange::Global(2)).await.unwrap();
+    let permit = tokio::time::timeout(Duration::from_secs(3), waiter)
+        .await
+        .expect("waiter woken within 3 s")
+        .unwrap()
+        .unwrap();
+    assert!(limiter.stats().acquire_calls <= before + 2);
+    assert_eq!(limiter.global_limit(), Some(2));
+    drop(permit);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_restores_limits_after_grace() {
+    let Some(mut server) = RedisServer::start(Persistence::None) else {
+        return;
+    };
+    let lease = Duration::from_millis(700);
+    prepare(&server, lease, 2);
+    let limiter = RedisLimiter::connect(&server.url(), NS, options())
+        .await
+        .unwrap();
+    let before = limiter.acquire_global().await.unwrap();
+    let old_fence = before.fence();
+
+    server.kill();
+    server.restart();
+    let lost = tokio::time::timeout(Duration::from_secs(3), before.lost()).await;
+    assert!(lost.is_ok(), "the lease of the lost state is lost");
+
+    let permit = tokio::time::timeout(Duration::from_secs(10), limiter.acquire_global())
+        .await
+        .expect("a grant within 10 s of the restart")
+        .unwrap();
+    assert!(permit.fence() > old_fence);
+    let ns = Namespace::new(NS).unwrap();
+    let global = server.command(&["HGET", &ns.limits_key(), "global"]);
+    assert!(global.ends_with("2\r\n"), "limits restored: {global:?}");
+    let limits = limiter.limits().await.unwrap();
+    assert_eq!(limits.global, Some(2));
+    assert_eq!(limits.lease, lease);
+}
+
+#[tokio::test]
+async fn missing_limit_names_fix() {
+    let Some(server) = RedisServer::start(Persistence::None) else {
+        return;
+    };
+    let limiter = RedisLimiter::connect(&server.url(), "empty", options())
+        .await
+        .unwrap();
+    assert_eq!(limiter.global_limit(), None);
+    match limiter.acquire_global().await {
+        Err(error @ Error::NoLimit { .. }) => {
+            let text = error.to_string();
+            assert!(text.contains("--global N"), "{text}");
+        }
+        other => panic!("expected NoLimit, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn invalid_namespace_rejected() {
+    for name in ["", "a{b", "a b", "x}"] {
+        let result = RedisLimiter::connect("redis://127.0.0.1:1", name, options()).await;
+        match result {
+            Err(Error::Config(message)) => assert!(message.contains("namespace"), "{message}"),
+            other => panic!("namespace {name:?}: expected Config, got {other:?}"),
+        }
+    }
+}

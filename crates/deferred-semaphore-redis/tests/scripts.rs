@@ -1,0 +1,292 @@
+//! One script call at a time against a private redis-server.
+
+use std::time::Duration;
+
+use deferred_semaphore_redis::scripts::{AcquireReply, LeaseRef, Namespace, Scripts};
+use redis::aio::ConnectionManager;
+use test_redis::{Persistence, RedisServer};
+
+struct Fixture {
+    server: RedisServer,
+    con: ConnectionManager,
+    ns: Namespace,
+    scripts: Scripts,
+    lease: Duration,
+}
+
+/// Starts a server and stores `global` and `lease` for namespace `t`, with
+/// the namespace state already present so that no grace applies.
+async fn fixture(lease: Duration, global: u64) -> Option<Fixture> {
+    let server = RedisServer::start(Persistence::None)?;
+    let ns = Namespace::new("t").unwrap();
+    let lease_ms = lease.as_millis().to_string();
+    let global = global.to_string();
+    server.command(&[
+        "HSET",
+        &ns.limits_key(),
+        "lease_ms",
+        &lease_ms,
+        "global",
+        &global,
+    ]);
+    server.command(&[
+        "HSET",
+        &ns.meta_key(),
+        "epoch",
+        "e0",
+        "grace_until",
+        "0",
+        "fence",
+        "0",
+    ]);
+    let client = redis::Client::open(server.url()).unwrap();
+    let con = ConnectionManager::new(client).await.unwrap();
+    Some(Fixture {
+        server,
+        con,
+        ns,
+        scripts: Scripts::new(),
+        lease,
+    })
+}
+
+impl Fixture {
+    async fn acquire(&mut self, id: &str, key: Option<&str>) -> AcquireReply {
+        self.scripts
+            .acquire(&mut self.con, &self.ns, id, "test", key, "tok", self.lease)
+            .await
+            .unwrap()
+    }
+
+    async fn release(&mut self, id: &str, key: Option<&str>) -> u64 {
+        let lease = LeaseRef { lease_id: id, key };
+        self.scripts
+            .release(&mut self.con, &self.ns, lease)
+            .await
+            .unwrap()
+    }
+
+    async fn renew(&mut self, ids: &[(&str, Option<&str>)]) -> Vec<bool> {
+        let leases: Vec<LeaseRef<'_>> = ids
+            .iter()
+            .map(|(lease_id, key)| LeaseRef {
+                lease_id,
+                key: *key,
+            })
+            .collect();
+        self.scripts
+            .renew(&mut self.con, &self.ns, &leases, "tok", self.lease)
+            .await
+            .unwrap()
+            .renewed
+    }
+
+    fn count(&self, key: Option<&str>) -> String {
+        self.server
+            .command(&["ZCARD", &self.ns.holders_key(key)])
+            .trim()
+            .to_owned()
+    }
+
+    fn score(&self, id: &str) -> String {
+        self.server
+            .command(&["ZSCORE", &self.ns.holders_key(None), id])
+            .trim()
+            .to_owned()
+    }
+}
+
+fn fence(reply: &AcquireReply) -> u64 {
+    match reply {
+        AcquireReply::Granted { fence, .. } => *fence,
+        other => panic!("expected a grant, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn fill_to_limit_rejects_next() {
+    let Some(mut f) = fixture(Duration::from_secs(5), 3).await else {
+        return;
+    };
+    let mut last = 0;
+    for id in ["a", "b", "c"] {
+        let next = fence(&f.acquire(id, None).await);
+        assert!(next > last, "fence {next} after {last}");
+        last = next;
+    }
+    match f.acquire("d", None).await {
+        AcquireReply::Busy {
+            retry_in,
+            global_full,
+            ..
+        } => {
+            assert!(global_full);
+            assert!(retry_in <= Duration::from_secs(5), "{retry_in:?}");
+        }
+        other => panic!("expected busy, got {other:?}"),
+    }
+    assert_eq!(f.count(None), ":3");
+    assert_eq!(f.score("d"), "$-1");
+}
+
+#[tokio::test]
+async fn full_key_takes_nothing_from_global() {
+    let Some(mut f) = fixture(Duration::from_secs(5), 3).await else {
+        return;
+    };
+    let limits = f.ns.limits_key();
+    f.server.command(&["HSET", &limits, "k:a", "1"]);
+    fence(&f.acquire("a1", Some("a")).await);
+    match f.acquire("a2", Some("a")).await {
+        AcquireReply::Busy { global_full, .. } => assert!(!global_full),
+        other => panic!("expected busy, got {other:?}"),
+    }
+    assert_eq!(f.count(None), ":1");
+    assert_eq!(f.count(Some("a")), ":1");
+    assert_eq!(f.score("a2"), "$-1");
+
+    // A full global count takes nothing from a key with room.
+    fence(&f.acquire("g1", None).await);
+    fence(&f.acquire("g2", None).await);
+    match f.acquire("b1", Some("b")).await {
+        AcquireReply::Busy { global_full, .. } => assert!(global_full),
+        other => panic!("expected busy, got {other:?}"),
+    }
+    assert_eq!(f.count(Some("b")), ":0");
+    assert_eq!(f.count(None), ":3");
+}
+
+#[tokio::test]
+async fn expired_lease_reaped_with_hint() {
+    let lease = Duration::from_millis(600);
+    let Some(mut f) = fixture(lease, 2).await else {
+        return;
+    };
+    fence(&f.acquire("first", None).await);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    fence(&f.acquire("second", None).await);
+    let retry_in = match f.acquire("third", None).await {
+        AcquireReply::Busy { retry_in, .. } => retry_in,
+        other => panic!("expected busy, got {other:?}"),
+    };
+    // The hint is the time left of "first", not of "second".
+    assert!(retry_in <= Duration::from_millis(350), "{retry_in:?}");
+    assert!(retry_in >= Duration::from_millis(1), "{retry_in:?}");
+    tokio::time::sleep(retry_in + Duration::from_millis(30)).await;
+    fence(&f.acquire("third", None).await);
+    assert_eq!(f.score("first"), "$-1");
+    assert_eq!(f.count(None), ":2");
+}
+
+#[tokio::test]
+async fn renew_after_expiry_is_lost() {
+    let lease = Duration::from_millis(300);
+    let Some(mut f) = fixture(lease, 5).await else {
+        return;
+    };
+    fence(&f.acquire("old", Some("a")).await);
+    fence(&f.acquire("live", Some("a")).await);
+    let before = f.score("live");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(
+        f.renew(&[("live", Some("a"))]).await,
+        vec![true],
+        "a live lease renews"
+    );
+    assert_ne!(f.score("live"), before, "renewal moves the expiry");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // "old" expired 50 ms ago but nothing reaped it yet.
+    assert_eq!(
+        f.renew(&[("old", Some("a")), ("live", Some("a"))]).await,
+        vec![false, true]
+    );
+    assert_eq!(f.score("old"), "$-1", "a lost lease is not resurrected");
+    assert_eq!(f.count(Some("a")), ":1");
+    assert_eq!(f.renew(&[("old", Some("a"))]).await, vec![false]);
+}
+
+#[tokio::test]
+async fn release_twice_returns_zero() {
+    let Some(mut f) = fixture(Duration::from_secs(5), 2).await else {
+        return;
+    };
+    fence(&f.acquire("x", Some("a")).await);
+    assert_eq!(f.release("x", Some("a")).await, 2);
+    assert_eq!(f.release("x", Some("a")).await, 0);
+    assert_eq!(f.count(None), ":0");
+    let info = f.server.command(&["EXISTS", &f.ns.lease_key("x")]);
+    assert_eq!(info.trim(), ":0");
+}
+
+#[tokio::test]
+async fn limit_shrink_keeps_holders() {
+    let Some(mut f) = fixture(Duration::from_secs(5), 3).await else {
+        return;
+    };
+    for id in ["a", "b", "c"] {
+        fence(&f.acquire(id, None).await);
+    }
+    let ns = f.ns.clone();
+    f.scripts
+        .set_limit(&mut f.con, &ns, "global", Some(1), "tok", f.lease)
+        .await
+        .unwrap();
+    assert_eq!(f.count(None), ":3", "shrinking revokes nobody");
+    assert!(matches!(
+        f.acquire("d", None).await,
+        AcquireReply::Busy { .. }
+    ));
+    f.release("a", None).await;
+    f.release("b", None).await;
+    assert!(
+        matches!(f.acquire("d", None).await, AcquireReply::Busy { .. }),
+        "one holder left fills a limit of one"
+    );
+    f.release("c", None).await;
+    fence(&f.acquire("d", None).await);
+}
+
+#[tokio::test]
+async fn lost_state_grace_then_larger_fence() {
+    let lease = Duration::from_millis(500);
+    let Some(mut f) = fixture(lease, 2).await else {
+        return;
+    };
+    let mut before = 0;
+    for id in ["a", "b"] {
+        before = before.max(fence(&f.acquire(id, None).await));
+    }
+    assert!(f.server.command(&["FLUSHALL"]).starts_with("+OK"));
+
+    assert_eq!(f.acquire("c", None).await, AcquireReply::NoLimit);
+    let fields = vec![
+        ("lease_ms".to_owned(), "500".to_owned()),
+        ("global".to_owned(), "2".to_owned()),
+    ];
+    let ns = f.ns.clone();
+    let written = f
+        .scripts
+        .restore_limits(&mut f.con, &ns, &fields)
+        .await
+        .unwrap();
+    assert!(written);
+    let wait = match f.acquire("c", None).await {
+        AcquireReply::Grace { wait, .. } => wait,
+        other => panic!("expected a grace, got {other:?}"),
+    };
+    assert!(wait <= lease, "{wait:?}");
+    assert!(wait >= Duration::from_millis(300), "{wait:?}");
+    assert_eq!(f.count(None), ":0", "nothing granted during the grace");
+
+    tokio::time::sleep(wait + Duration::from_millis(20)).await;
+    let after = fence(&f.acquire("c", None).await);
+    assert!(after > before, "fence {after} not above {before}");
+
+    // A second restore does not overwrite limits that exist.
+    let again = f
+        .scripts
+        .restore_limits(&mut f.con, &ns, &fields)
+        .await
+        .unwrap();
+    assert!(!again);
+}
