@@ -89,9 +89,10 @@ pub enum Command {
     /// Sets the limits that `--limiter` processes share in Redis, then
     /// shows them with the leases held now.
     ///
-    /// The changes given are applied in order: --global, --per-key-default,
-    /// --key, --remove-key, --lease. Without any, the limits are only
-    /// shown. The table of holders lists each lease: its key (`-` for the
+    /// The changes given are applied in order: --lease, --global,
+    /// --per-key-default, --key, --remove-key. Without any, the limits are
+    /// only shown. A new NAME grants nothing for one lease after its first
+    /// change. The table of holders lists each lease: its key (`-` for the
     /// global limit alone), its holder (host:pid), its fence, its age and
     /// the time before it expires, sorted by key, then by age.
     Limits(LimitsArgs),

@@ -42,9 +42,14 @@ pub fn run(args: &LimitsArgs) -> anyhow::Result<()> {
         .context("cannot write to standard output")
 }
 
-/// Returns the changes of `args` in the order they are applied.
+/// Returns the changes of `args` in the order they are applied. The lease
+/// comes first because the first change to a new namespace starts a grace
+/// of one lease, in which nothing is granted.
 fn changes(args: &LimitsArgs) -> Vec<LimitChange> {
     let mut changes = Vec::new();
+    if let Some(lease) = args.lease {
+        changes.push(LimitChange::Lease(lease));
+    }
     if let Some(global) = args.global {
         changes.push(LimitChange::Global(global));
     }
@@ -56,9 +61,6 @@ fn changes(args: &LimitsArgs) -> Vec<LimitChange> {
     }
     for key in &args.remove_keys {
         changes.push(LimitChange::Key(key.clone(), None));
-    }
-    if let Some(lease) = args.lease {
-        changes.push(LimitChange::Lease(lease));
     }
     changes
 }
@@ -95,6 +97,7 @@ fn render_text(url: &LimiterUrl, limits: &Limits, holders: &[Holder]) -> String 
         rows.push((format!("key {key}"), n.to_string()));
     }
     let width = rows.iter().map(|(name, _)| name.len()).max().unwrap_or(0);
+
     let mut text = format!("Limits of {url}:\n");
     for (name, value) in rows {
         let _ = writeln!(text, "  {name:<width$}  {value}");
@@ -103,6 +106,7 @@ fn render_text(url: &LimiterUrl, limits: &Limits, holders: &[Holder]) -> String 
         text.push_str("Holders: none\n");
         return text;
     }
+
     let leases = if holders.len() == 1 {
         "lease"
     } else {
@@ -125,6 +129,7 @@ fn render_text(url: &LimiterUrl, limits: &Limits, holders: &[Holder]) -> String 
             format_duration(holder.expires_in),
         ]);
     }
+
     let widths: Vec<usize> = (0..5)
         .map(|column| table.iter().map(|row| row[column].len()).max().unwrap_or(0))
         .collect();

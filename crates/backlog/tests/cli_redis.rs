@@ -47,7 +47,12 @@ fn limits_set_and_show_text() {
 fn limits_json_after_changes() {
     let Some(server) = redis() else { return };
     let url = limiter_url(&server, "jobs");
-    set_limits(&url, &["--global", "4", "--key", "a=1", "--key", "b=2"]);
+    set_limits(
+        &url,
+        &[
+            "--lease", "2s", "--global", "4", "--key", "a=1", "--key", "b=2",
+        ],
+    );
     let output = limits(
         &url,
         &["--remove-key", "a", "--per-key-default", "none", "--json"],
@@ -58,7 +63,7 @@ fn limits_json_after_changes() {
     assert_eq!(value["global"], 4);
     assert_eq!(value["per_key_default"], Value::Null);
     assert_eq!(value["per_key"], serde_json::json!({"b": 2}));
-    assert!(value["lease_ms"].as_u64().unwrap() > 0);
+    assert_eq!(value["lease_ms"], 2000);
     assert_eq!(value["holders"], serde_json::json!([]));
 }
 
@@ -66,7 +71,7 @@ fn limits_json_after_changes() {
 fn limits_lists_holders_of_a_run() {
     let Some(server) = redis() else { return };
     let url = limiter_url(&server, "jobs");
-    set_limits(&url, &["--global", "5"]);
+    set_limits(&url, &["--lease", "2s", "--global", "5"]);
     let dir = TempDir::new().unwrap();
     let (input, records) = (dir.path().join("in.jsonl"), dir.path().join("records"));
     std::fs::create_dir(&records).unwrap();
@@ -103,7 +108,10 @@ fn limits_lists_holders_of_a_run() {
 fn three_runs_share_global_and_key_limits() {
     let Some(server) = redis() else { return };
     let url = limiter_url(&server, "fleet");
-    set_limits(&url, &["--global", "3", "--per-key-default", "2"]);
+    set_limits(
+        &url,
+        &["--lease", "2s", "--global", "3", "--per-key-default", "2"],
+    );
     let dir = TempDir::new().unwrap();
     let records = dir.path().join("records");
     std::fs::create_dir(&records).unwrap();

@@ -65,7 +65,8 @@ pub fn limits(url: &str, args: &[&str]) -> std::process::Output {
 }
 
 /// Sets the limits of `url` with `backlog limits`, and checks that it
-/// succeeded.
+/// succeeded. Give `--lease` a short time: a new name grants nothing for
+/// one lease after its first change.
 pub fn set_limits(url: &str, args: &[&str]) {
     let output = limits(url, args);
     assert!(
