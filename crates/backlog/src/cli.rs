@@ -86,7 +86,24 @@ pub enum Command {
     /// Shows the state of a journal: counts by state, failed items with
     /// their last error, and items that were running when a run died.
     Status(StatusArgs),
+    /// Sets the limits that `--limiter` processes share in Redis, then
+    /// shows them with the leases held now.
+    ///
+    /// The changes given are applied in order: --lease, --global,
+    /// --per-key-default, --key, --remove-key. Without any, the limits are
+    /// only shown. A new NAME grants nothing for one lease after its first
+    /// change. The table of holders lists each lease: its key (`-` for the
+    /// global limit alone), its holder (host:pid), its fence, its age and
+    /// the time before it expires, sorted by key, then by age.
+    Limits(LimitsArgs),
 }
+
+/// The end of `backlog limits --help`.
+const LIMITS_AFTER_HELP: &str = "\
+The password comes from BACKLOG_REDIS_PASSWORD, never from the URL.
+
+Exit status: 0 when the changes are applied and shown, 2 on invalid
+arguments or when Redis cannot be reached.";
 
 /// The arguments of `backlog run`.
 #[derive(Debug, Args)]
@@ -123,6 +140,9 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub stop: StopArgs,
+
+    #[command(flatten)]
+    pub limiter: LimiterArgs,
 }
 
 /// The arguments of `backlog mail`.
@@ -220,6 +240,74 @@ pub struct MailArgs {
     /// files with --jsonl.
     #[arg(value_name = "INPUT", required = true, num_args = 1..)]
     pub inputs: Vec<PathBuf>,
+
+    #[command(flatten)]
+    pub limiter: LimiterArgs,
+}
+
+/// The limits shared with other backlog processes through Redis.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Limits shared by a fleet")]
+pub struct LimiterArgs {
+    /// Shares the limits stored in Redis under NAME with every backlog
+    /// process that uses the same URL: redis://[USER@]HOST:PORT/NAME. Each
+    /// attempt takes a lease under the global limit, and under the limit of
+    /// its key (the --per-key key, or the recipient domain of `mail`),
+    /// after the local limits. The password comes from
+    /// BACKLOG_REDIS_PASSWORD, the user from the URL or
+    /// BACKLOG_REDIS_USERNAME. Set the limits with `backlog limits`.
+    #[arg(long, value_name = "URL")]
+    pub limiter: Option<String>,
+
+    /// Sets how long a grant may wait while Redis cannot be reached, as in
+    /// 10s or 2m. Then the run starts nothing new, lets running items
+    /// finish, and exits with status 2.
+    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_positive_duration,
+          requires = "limiter")]
+    pub limiter_timeout: Duration,
+}
+
+/// The arguments of `backlog limits`.
+#[derive(Debug, Args)]
+#[command(after_help = LIMITS_AFTER_HELP)]
+pub struct LimitsArgs {
+    /// Sets the limiter: redis://[USER@]HOST:PORT/NAME, as for --limiter.
+    #[arg(value_name = "URL")]
+    pub url: String,
+
+    /// Sets the maximum number of leases at once over all processes and
+    /// keys.
+    #[arg(long, value_name = "N", value_parser = parse_limit)]
+    pub global: Option<u64>,
+
+    /// Sets the maximum number of leases at once of each key that has no
+    /// limit of its own, or `none` to hold such keys by the global limit
+    /// alone.
+    #[arg(long, value_name = "N|none", value_parser = parse_optional_limit)]
+    pub per_key_default: Option<PerKeyDefault>,
+
+    /// Sets the maximum number of leases at once of one key, as KEY=N.
+    /// Repeat it for several keys.
+    #[arg(long = "key", value_name = "KEY=N", value_parser = parse_key_limit)]
+    pub keys: Vec<(String, u64)>,
+
+    /// Removes the limit of one key, which then takes --per-key-default.
+    /// Repeat it for several keys.
+    #[arg(long = "remove-key", value_name = "KEY")]
+    pub remove_keys: Vec<String>,
+
+    /// Sets how long a lease lives without renewal, as in 30s. A process
+    /// that dies or stalls loses its leases after this time.
+    #[arg(long, value_name = "DUR", value_parser = parse_positive_duration)]
+    pub lease: Option<Duration>,
+
+    /// Sets how long to wait while Redis cannot be reached.
+    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_positive_duration)]
+    pub limiter_timeout: Duration,
+
+    /// Prints one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// The limits per key and on the rate of starts.
@@ -333,6 +421,40 @@ pub struct StatusArgs {
     /// Prints one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Parses a limit of `backlog limits`: a whole number from 1.
+fn parse_limit(value: &str) -> Result<u64, String> {
+    match value.parse::<u64>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("expected a whole number from 1 (got '{value}')")),
+    }
+}
+
+/// The value of `--per-key-default`: a limit, or `None` for `none`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PerKeyDefault(pub Option<u64>);
+
+/// Parses `--per-key-default`: a limit, or `none`.
+fn parse_optional_limit(value: &str) -> Result<PerKeyDefault, String> {
+    if value == "none" {
+        return Ok(PerKeyDefault(None));
+    }
+    parse_limit(value)
+        .map(|limit| PerKeyDefault(Some(limit)))
+        .map_err(|_| format!("expected a whole number from 1 or `none` (got '{value}')"))
+}
+
+/// Parses `--key`: `KEY=N`, split at the last `=`.
+fn parse_key_limit(value: &str) -> Result<(String, u64), String> {
+    let expected = format!("expected KEY=N with N a whole number from 1 (got '{value}')");
+    let Some((key, limit)) = value.rsplit_once('=') else {
+        return Err(expected);
+    };
+    match parse_limit(limit) {
+        Ok(limit) if !key.is_empty() => Ok((key.to_owned(), limit)),
+        _ => Err(expected),
+    }
 }
 
 /// Parses `--max-run`, naming the valid range for a non-number as well as

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 
 use crate::cli::RunArgs;
+use crate::fleet::LimiterSettings;
 use crate::halt::Halt;
 use crate::journal::JournalConfig;
 use crate::limits::KeyLimits;
@@ -43,6 +44,8 @@ pub struct Config {
     pub kill_after: Duration,
     /// The time limit of the whole run.
     pub deadline: Option<Duration>,
+    /// The limiter shared with other processes (`--limiter`).
+    pub limiter: Option<LimiterSettings>,
 }
 
 /// The rules every item runs under.
@@ -129,6 +132,7 @@ impl Config {
             },
             kill_after: args.stop.kill_after,
             deadline: args.stop.deadline,
+            limiter: args.limiter.settings()?,
         })
     }
 }

@@ -22,15 +22,16 @@ use tokio::time::MissedTickBehavior;
 
 use crate::config::{Config, ItemRules};
 use crate::exec::{Gauge, ItemResult, Job, MakeJob, ProcessRunner, Runner};
+use crate::fleet::{self, LimiterSettings, SharedLimiter};
 use crate::halt::HaltCounter;
 use crate::journal::{
-    self, Admission, AttemptEnd, AttemptRecord, Journal, JournalConfig, JournalError, Skip,
+    self, Admission, AttemptEnd, AttemptRecord, Commit, Journal, JournalConfig, JournalError, Skip,
 };
-use crate::limits::{Gate, StoppingGate};
+use crate::limits::{Gate, KeyLimits, StoppingGate};
 use crate::outcome::ItemOutcome;
 use crate::progress::{Progress, Summary};
 use crate::results::ResultsWriter;
-use crate::retry::{Attempts, RetryEvent};
+use crate::retry::{Attempts, Fleet, RetryEvent};
 use crate::signals::{plural_items, Signals};
 use crate::source::{self, Item, ItemKind};
 use crate::stop::{Stop, StopCause, StopLevel, StopWatch};
@@ -109,6 +110,8 @@ pub struct RunSetup<'a> {
     /// Whether the input may never end (standard input), so that items not
     /// started are left unread instead of recorded.
     pub endless_input: bool,
+    /// The limiter shared with other processes (`--limiter`).
+    pub limiter: Option<&'a LimiterSettings>,
 }
 
 /// Runs the backlog that `config` describes with real processes, then
@@ -132,6 +135,7 @@ pub async fn run(config: &Config) -> anyhow::Result<Summary> {
         rules: &config.rules,
         deadline: config.deadline,
         endless_input: config.input.as_os_str() == "-",
+        limiter: config.limiter.as_ref(),
     };
     let runner = ProcessRunner::new(config.kill_after);
     let summary = run_items(&setup, &config.template, &runner, items).await?;
@@ -191,6 +195,14 @@ where
         results,
         progress,
     };
+    let fleet = match setup.limiter {
+        Some(settings) => Some(
+            fleet::connect(&settings.url, settings.timeout)
+                .await
+                .map_err(anyhow::Error::msg)?,
+        ),
+        None => None,
+    };
     let journal = match setup.journal {
         Some(journal_config) => Some(journal::open(journal_config).await?),
         None => None,
@@ -205,6 +217,7 @@ where
         items.as_mut(),
         &mut sinks,
         journal.as_ref(),
+        fleet.as_ref().map(|fleet| fleet as &dyn SharedLimiter),
     );
     let processed = tokio::select! {
         summary = processing => summary,
@@ -263,6 +276,7 @@ pub async fn process<J, R, S, W, F>(
     items: S,
     sinks: &mut Sinks<W, F>,
     journal: Option<&Journal>,
+    fleet: Option<&dyn SharedLimiter>,
 ) -> anyhow::Result<Summary>
 where
     J: MakeJob<Job = R::Job>,
@@ -278,6 +292,7 @@ where
         runner,
         policy: &rules.retry,
         timeout: rules.timeout,
+        fleet: fleet.map(|limiter| Fleet { limiter, stop }),
     };
     let (state_ref, failed_ref, gauge) = (&state, &sink_failed, runner.gauge());
     let halt_ref = &halt;
@@ -292,6 +307,8 @@ where
         state: &state,
         journal,
         duplicate_keys_fail: rules.duplicate_keys_fail,
+        key_limits: rules.limits.as_ref(),
+        fleet,
     };
     let report = match &rules.limits {
         None => {
@@ -399,9 +416,13 @@ struct ItemRun<'a, 'r, 's, J, R, W, F: Write> {
     state: &'a Mutex<SinkState<'s, W, F>>,
     journal: Option<&'a Journal>,
     duplicate_keys_fail: bool,
+    /// The limits that make an item's key for the shared limiter.
+    key_limits: Option<&'a KeyLimits>,
+    /// The shared limiter, named in the lines about lost leases.
+    fleet: Option<&'a dyn SharedLimiter>,
 }
 
-// Only references and a flag, so it copies whatever its type parameters are.
+// Only references and flags, so it copies whatever its type parameters are.
 impl<J, R, W, F: Write> Clone for ItemRun<'_, '_, '_, J, R, W, F> {
     fn clone(&self) -> Self {
         *self
@@ -445,6 +466,8 @@ async fn run_item<J, R, W, F: Write, P, A, AF>(
         state,
         journal,
         duplicate_keys_fail,
+        key_limits,
+        fleet,
     }: ItemRun<'_, '_, '_, J, R, W, F>,
     stop: StopWatch,
 ) -> Result<Finished, Finished>
@@ -508,12 +531,30 @@ where
                         retry_error.borrow_mut().get_or_insert(error);
                     }
                 }
-                if let RetryEvent::Waiting(notice) = &event {
-                    let mut state = state.lock().await;
-                    state.sinks.progress.retrying(index, place, notice);
+                match &event {
+                    RetryEvent::Waiting(notice) => {
+                        let mut state = state.lock().await;
+                        state.sinks.progress.retrying(index, place, notice);
+                    }
+                    RetryEvent::GivenBack { stopped } => {
+                        let url = fleet.map(|fleet| fleet.url()).unwrap_or_default();
+                        let what = if *stopped {
+                            "stopped its command"
+                        } else {
+                            "its command had ended but is not recorded done"
+                        };
+                        let text = format!(
+                            "item {index}: lease lost on {url}; {what} and gave the item back"
+                        );
+                        state.lock().await.sinks.progress.note(text);
+                    }
+                    RetryEvent::Starting { .. } | RetryEvent::Leased(_) => {}
                 }
             };
-            attempts.run(job, permit, stop, notify).await
+            let shared_key = shared_key_of(&item, key_limits);
+            attempts
+                .run(job, permit, shared_key.as_deref(), stop, notify)
+                .await
         }
         Err(reason) => {
             let result = ItemResult::failed(reason.clone());
@@ -530,8 +571,19 @@ where
         finished.journal = Journaled::Failed { error, ran: true };
     } else if let (Some(journal), Some(key)) = (journal, key) {
         let end = attempt_end(&finished.result, &finished.outcome);
-        if let Err(error) = journal.finish_attempt(&key, end).await {
-            finished.journal = Journaled::Failed { error, ran: true };
+        match journal
+            .finish_attempt(&key, end, finished.result.fence)
+            .await
+        {
+            Ok(Commit::Recorded) => {}
+            Ok(Commit::Refused { fence, stored }) => {
+                let reason = refused_reason(fence, stored);
+                let text = format!("item {}: {reason}", finished.item.index);
+                state.lock().await.sinks.progress.note(text);
+                let attempts = finished.outcome.attempts();
+                finished.outcome = ItemOutcome::GivenBack { attempts, reason };
+            }
+            Err(error) => finished.journal = Journaled::Failed { error, ran: true },
         }
     }
     if finished.outcome.is_done() {
@@ -541,9 +593,34 @@ where
     }
 }
 
+/// Returns the key an item's leases of the shared limiter are taken
+/// under: the recipient domain of an email, the rendered `--per-key`
+/// template of a command's item, or `None` for the global limit alone.
+fn shared_key_of(item: &Item, key_limits: Option<&KeyLimits>) -> Option<String> {
+    match (&item.kind, key_limits) {
+        (ItemKind::Mail(envelope), _) => Some(envelope.domain.clone()),
+        (_, Some(limits)) if limits.key.is_some() => Some(limits.key_of(item)),
+        _ => None,
+    }
+}
+
+/// Returns why the journal refused to record an item done under `fence`.
+fn refused_reason(fence: u64, stored: Option<u64>) -> String {
+    match stored {
+        Some(stored) if stored > fence => {
+            format!("commit refused: fence {fence} is older than the item's fence {stored}")
+        }
+        Some(stored) => {
+            format!("commit refused: fence {fence} is not the item's fence {stored}")
+        }
+        None => format!("commit refused: fence {fence} no longer holds the item"),
+    }
+}
+
 /// Records a step of an item's retries: a failed attempt that will be
-/// retried leaves the item pending through its backoff, and the next
-/// attempt marks it running again, with one more attempt.
+/// retried, or given back after a lost lease, leaves the item pending
+/// until its next attempt marks it running again, with one more attempt.
+/// A shared lease's fence is stored with the attempt that holds it.
 async fn record_retry(
     journal: &Journal,
     key: &str,
@@ -557,11 +634,15 @@ async fn record_retry(
                 error: Some(notice.failure.clone()),
                 stderr_tail: Vec::new(),
             };
-            journal
-                .finish_attempt(key, AttemptEnd::WillRetry(record))
-                .await
+            let end = AttemptEnd::WillRetry(record);
+            journal.finish_attempt(key, end, None).await.map(drop)
         }
-        RetryEvent::Starting(_) => journal.start_attempt(key).await.map(drop),
+        RetryEvent::GivenBack { .. } => {
+            let end = AttemptEnd::GivenBack("its shared lease was lost".to_owned());
+            journal.finish_attempt(key, end, None).await.map(drop)
+        }
+        RetryEvent::Leased(fence) => journal.set_fence(key, *fence).await,
+        RetryEvent::Starting { fence, .. } => journal.start_attempt(key, *fence).await.map(drop),
     }
 }
 
@@ -573,6 +654,7 @@ fn attempt_end(result: &ItemResult, outcome: &ItemOutcome) -> AttemptEnd {
         ItemOutcome::Failed { .. } | ItemOutcome::TimedOut { .. } => {
             AttemptEnd::Failed(AttemptRecord::from_result(result))
         }
+        ItemOutcome::GivenBack { reason, .. } => AttemptEnd::GivenBack(reason.clone()),
         ItemOutcome::Interrupted { .. } | ItemOutcome::NotStarted { .. } => {
             let reason = outcome
                 .reason()
@@ -616,7 +698,7 @@ async fn consume<W, F>(
     let (Ok(finished) | Err(finished)) = outcome.result;
     let failed = !matches!(
         finished.outcome,
-        ItemOutcome::Done { .. } | ItemOutcome::NotStarted { .. }
+        ItemOutcome::Done { .. } | ItemOutcome::NotStarted { .. } | ItemOutcome::GivenBack { .. }
     );
     // An item the journal skipped did not run, so `--halt` does not count it.
     let skipped = matches!(finished.journal, Journaled::Skipped(_));
@@ -776,6 +858,7 @@ mod tests {
 
     use super::*;
     use crate::exec::MockRunner;
+    use crate::fleet::fake::FakeLimiter;
     use crate::halt::parse_halt;
     use crate::retry::{RetryOn, RetryPolicy};
 
@@ -853,6 +936,7 @@ mod tests {
             items,
             &mut sinks,
             None,
+            None,
         )
         .await
         .unwrap();
@@ -885,6 +969,7 @@ mod tests {
             &runner,
             items,
             &mut sinks(),
+            None,
             None,
         )
         .await
@@ -925,6 +1010,7 @@ mod tests {
             items,
             &mut sinks(),
             None,
+            None,
         )
         .await
         .unwrap();
@@ -954,6 +1040,7 @@ mod tests {
             &runner,
             items,
             &mut sinks,
+            None,
             None,
         )
         .await
@@ -1010,6 +1097,7 @@ mod tests {
             items,
             &mut sinks,
             None,
+            None,
         )
         .await
         .unwrap();
@@ -1025,6 +1113,220 @@ mod tests {
         assert_eq!(records[1]["outcome"], "done");
     }
 
+    /// Runs `lines` (`sleep` milliseconds each) with the fake shared
+    /// limiter and a journal at `journal_path`, while `meanwhile` runs
+    /// beside them. Returns the summary, the results records and the log.
+    async fn process_with_fleet<F: Fn(&Job) -> (Duration, ItemResult)>(
+        lines: &[&str],
+        runner: &MockRunner<F>,
+        limiter: &FakeLimiter,
+        stop: &Stop,
+        journal_path: &Path,
+        meanwhile: impl Future<Output = ()>,
+    ) -> (Summary, Vec<serde_json::Value>, String) {
+        let template = Template::parse(&["sleep".to_owned(), "{}".to_owned()], false);
+        let config = JournalConfig {
+            path: journal_path.to_owned(),
+            key: journal::KeyRule::Hash,
+            retry_failed: false,
+            jsonl: false,
+        };
+        let (journal, _) = Journal::open(&config).await.unwrap();
+        let items = stream::iter(text_items(lines));
+        let log = SharedScreen::default();
+        let mut sinks = sinks();
+        sinks.progress = Progress::log(Box::new(log.clone()));
+        let rules = rules();
+        let processing = process(
+            &template,
+            NonZeroUsize::MIN,
+            &rules,
+            stop,
+            runner,
+            items,
+            &mut sinks,
+            Some(&journal),
+            Some(limiter),
+        );
+        let (summary, ()) = tokio::join!(processing, meanwhile);
+        journal.close("completed").await.unwrap();
+        let log = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        (summary.unwrap(), records_of(sinks), log)
+    }
+
+    /// Waits until `count` commands have started.
+    async fn started(count: &Cell<u32>, expected: u32) {
+        while count.get() < expected {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Returns a mock runner that counts its starts in `count`.
+    fn counting_runner(
+        count: &Cell<u32>,
+    ) -> MockRunner<impl Fn(&Job) -> (Duration, ItemResult) + '_> {
+        MockRunner::new(move |job: &Job| {
+            count.set(count.get() + 1);
+            sleep_and_echo(job)
+        })
+    }
+
+    /// Returns the state, attempts, error and fence of the item `text` in
+    /// the journal at `path`.
+    fn journal_row(path: &Path, text: &str) -> (String, u32, Option<String>, Option<u64>) {
+        let conn = rusqlite::Connection::open(path).unwrap();
+        conn.query_row(
+            "SELECT state, attempts, error, fence FROM items WHERE item = ?1",
+            [text],
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lost_lease_stops_and_gives_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.db");
+        let (count, limiter, stop) = (Cell::new(0), FakeLimiter::default(), Stop::default());
+        let runner = counting_runner(&count);
+        let lose_first = async {
+            started(&count, 1).await;
+            limiter.granted.borrow()[0].handle.lose();
+        };
+        let (summary, records, log) =
+            process_with_fleet(&["1000"], &runner, &limiter, &stop, &path, lose_first).await;
+
+        // Retries are 0, yet the item ran again under a new lease.
+        assert_eq!((summary.succeeded, summary.failed), (1, 0));
+        assert_eq!(count.get(), 2);
+        let granted = limiter.granted.borrow();
+        assert_eq!(granted.len(), 2);
+        assert_eq!(granted[1].key, None);
+        assert_eq!(granted[1].fence, 2);
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0]["outcome"], "done");
+        assert_eq!(records[0]["attempts"], 2);
+        assert_eq!(records[0]["fence"], 2);
+        let line = "item 0: lease lost on redis://fake:1/test; stopped its command and gave the \
+                    item back";
+        assert!(log.contains(line), "{log}");
+        let (state, attempts, _, fence) = journal_row(&path, "1000");
+        assert_eq!((state.as_str(), attempts, fence), ("done", 2, Some(2)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lost_lease_at_end_is_not_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.db");
+        let (count, limiter, stop) = (Cell::new(0), FakeLimiter::default(), Stop::default());
+        let runner = counting_runner(&count);
+        // The loss is never signalled, so only the check before recording
+        // the item done can see it.
+        let lose_first = async {
+            started(&count, 1).await;
+            limiter.granted.borrow()[0].handle.lose_unnoticed();
+        };
+        let (summary, records, log) =
+            process_with_fleet(&["100"], &runner, &limiter, &stop, &path, lose_first).await;
+
+        assert_eq!(summary.succeeded, 1);
+        assert_eq!(count.get(), 2);
+        assert_eq!(limiter.granted.borrow().len(), 2);
+        assert_eq!(records[0]["attempts"], 2);
+        assert_eq!(records[0]["fence"], 2);
+        assert!(log.contains("item 0: lease lost on redis://fake:1/test; its command had ended"));
+        let (state, attempts, _, fence) = journal_row(&path, "100");
+        assert_eq!((state.as_str(), attempts, fence), ("done", 2, Some(2)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lost_lease_while_stopping_is_given_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.db");
+        let (count, limiter, stop) = (Cell::new(0), FakeLimiter::default(), Stop::default());
+        let runner = counting_runner(&count);
+        let stop_then_lose = async {
+            started(&count, 1).await;
+            stop.request(StopLevel::Soon, StopCause::Interrupt);
+            limiter.granted.borrow()[0].handle.lose();
+        };
+        let (summary, records, _) =
+            process_with_fleet(&["1000"], &runner, &limiter, &stop, &path, stop_then_lose).await;
+
+        assert_eq!((summary.succeeded, summary.failed), (0, 0));
+        assert_eq!(count.get(), 1);
+        assert_eq!(limiter.granted.borrow().len(), 1);
+        assert_eq!(records[0]["outcome"], "given_back");
+        assert_eq!(records[0]["error"], "given back: its shared lease was lost");
+        let (state, attempts, error, _) = journal_row(&path, "1000");
+        assert_eq!((state.as_str(), attempts), ("pending", 1));
+        assert_eq!(
+            error.as_deref(),
+            Some("given back: its shared lease was lost")
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn limiter_failure_fails_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.db");
+        let (count, limiter, stop) = (Cell::new(0), FakeLimiter::default(), Stop::default());
+        let runner = counting_runner(&count);
+        let fail_later = async {
+            started(&count, 1).await;
+            *limiter.fail_with.borrow_mut() = Some("Redis is gone".to_owned());
+        };
+        let lines = ["100", "200", "300"];
+        let (summary, records, _) =
+            process_with_fleet(&lines, &runner, &limiter, &stop, &path, fail_later).await;
+
+        // The running item finished and was recorded; nothing new started.
+        assert_eq!(summary.succeeded, 1);
+        assert_eq!(count.get(), 1);
+        assert_eq!(limiter.granted.borrow().len(), 1);
+        assert_eq!(records[0]["outcome"], "done");
+        let cause = StopCause::Limiter {
+            url: "redis://fake:1/test".to_owned(),
+            message: "Redis is gone".to_owned(),
+        };
+        assert_eq!(stop.cause(), Some(cause));
+        assert_eq!(stop.level(), StopLevel::Soon);
+        assert!(records.len() >= 2, "{records:?}");
+        for record in &records[1..] {
+            assert_eq!(record["outcome"], "not_started");
+            assert_eq!(
+                record["error"],
+                "not started: the limiter redis://fake:1/test failed"
+            );
+        }
+        let (state, attempts, error, _) = journal_row(&path, "200");
+        assert_eq!((state.as_str(), attempts), ("pending", 1));
+        assert!(error
+            .unwrap()
+            .contains("the limiter redis://fake:1/test failed"));
+    }
+
+    #[test]
+    fn shared_key_follows_per_key() {
+        let item = &text_items(&["a.example"])[0];
+        assert_eq!(shared_key_of(item, None), None);
+        let limits = KeyLimits {
+            key: Some(Template::parse(&["{}".to_owned()], false)),
+            per_key: NonZeroUsize::new(2),
+            rate: None,
+            per_key_rate: None,
+        };
+        assert_eq!(
+            shared_key_of(item, Some(&limits)).as_deref(),
+            Some("a.example")
+        );
+        let rate_only = KeyLimits {
+            key: None,
+            ..limits
+        };
+        assert_eq!(shared_key_of(item, Some(&rate_only)), None);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn process_halt_now_kills_running() {
         let template = Template::parse(&["sleep".to_owned(), "{}".to_owned()], false);
@@ -1036,7 +1338,7 @@ mod tests {
         let stop = Stop::default();
         let max_run = NonZeroUsize::new(2).unwrap();
         let summary = process(
-            &template, max_run, &rules, &stop, &runner, items, &mut sinks, None,
+            &template, max_run, &rules, &stop, &runner, items, &mut sinks, None, None,
         )
         .await
         .unwrap();

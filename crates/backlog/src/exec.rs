@@ -58,6 +58,9 @@ pub struct ItemResult {
     /// Whether the failure is temporary, as an SMTP 4xx reply is, so that a
     /// retry may succeed whatever `--retry-on-exit` says.
     pub temporary: bool,
+    /// The fencing token of the shared lease (`--limiter`) the attempt ran
+    /// under.
+    pub fence: Option<u64>,
 }
 
 /// One recipient's last reply from the SMTP server.
@@ -156,6 +159,9 @@ impl ItemResult {
                 return Some(format!("timed out after {}", format_duration(after)))
             }
             Some(Termination::Stopped) => return Some("killed because the run stopped".to_owned()),
+            Some(Termination::LeaseLost) => {
+                return Some("stopped because its shared lease was lost".to_owned())
+            }
             None => {}
         }
         if let Some(error) = &self.error {

@@ -25,6 +25,9 @@ pub enum Termination {
     TimedOut(Duration),
     /// The run is stopping now: Ctrl-C twice, `--deadline` or `--halt now`.
     Stopped,
+    /// The attempt's shared lease (`--limiter`) was lost, so another
+    /// process may take the item.
+    LeaseLost,
 }
 
 /// Awaits `collecting` (the command's output and exit status) unless

@@ -8,10 +8,12 @@ mod duration;
 mod engine;
 mod exec;
 mod file_limit;
+mod fleet;
 mod group;
 mod halt;
 mod journal;
 mod limits;
+mod limits_command;
 mod mail;
 mod outcome;
 mod progress;
@@ -94,6 +96,7 @@ fn run() -> anyhow::Result<ExitCode> {
             (config.max_run, Work::Mail(config))
         }
         Command::Status(args) => return status::run(&args).map(|()| ExitCode::SUCCESS),
+        Command::Limits(args) => return limits_command::run(&args).map(|()| ExitCode::SUCCESS),
     };
     file_limit::ensure_room_for(max_run)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -113,6 +116,10 @@ fn run() -> anyhow::Result<ExitCode> {
         Some(StopCause::Terminate) => Status::Terminated,
         Some(StopCause::Deadline(_)) => Status::DeadlinePassed,
         Some(StopCause::Halt(_)) => Status::ItemsFailed,
+        Some(StopCause::Limiter { message, .. }) => {
+            let _ = writeln!(io::stderr(), "error: {message}");
+            Status::Fatal
+        }
         None if summary.all_succeeded() => Status::Success,
         None => Status::ItemsFailed,
     };

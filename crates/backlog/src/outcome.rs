@@ -39,6 +39,15 @@ pub enum ItemOutcome {
         /// The cause that stopped the run.
         cause: Option<StopCause>,
     },
+    /// The last attempt lost its shared lease (`--limiter`), or its success
+    /// could not be recorded under the lease's fence: the item is neither
+    /// done nor failed, and a later run takes it again.
+    GivenBack {
+        /// Attempts made.
+        attempts: u32,
+        /// Why the item was given back.
+        reason: String,
+    },
     /// The item was read but never ran, or its next attempt never started,
     /// because the run was stopping.
     NotStarted {
@@ -56,6 +65,10 @@ impl ItemOutcome {
         match result.terminated {
             Some(Termination::TimedOut(after)) => ItemOutcome::TimedOut { attempts, after },
             Some(Termination::Stopped) => ItemOutcome::Interrupted { attempts, cause },
+            Some(Termination::LeaseLost) => ItemOutcome::GivenBack {
+                attempts,
+                reason: "its shared lease was lost".to_owned(),
+            },
             None => match result.failure_reason() {
                 None => ItemOutcome::Done { attempts },
                 Some(last_error) => ItemOutcome::Failed {
@@ -73,6 +86,7 @@ impl ItemOutcome {
             ItemOutcome::Failed { .. } => "failed",
             ItemOutcome::TimedOut { .. } => "timed_out",
             ItemOutcome::Interrupted { .. } => "interrupted",
+            ItemOutcome::GivenBack { .. } => "given_back",
             ItemOutcome::NotStarted { .. } => "not_started",
         }
     }
@@ -83,7 +97,8 @@ impl ItemOutcome {
             ItemOutcome::Done { attempts }
             | ItemOutcome::Failed { attempts, .. }
             | ItemOutcome::TimedOut { attempts, .. }
-            | ItemOutcome::Interrupted { attempts, .. } => *attempts,
+            | ItemOutcome::Interrupted { attempts, .. }
+            | ItemOutcome::GivenBack { attempts, .. } => *attempts,
             ItemOutcome::NotStarted { attempts, .. } => *attempts,
         }
     }
@@ -106,6 +121,7 @@ impl ItemOutcome {
                 Some(format!("timed out after {}", format_duration(*after)))
             }
             ItemOutcome::Interrupted { cause, .. } => Some(with_cause("killed", cause)),
+            ItemOutcome::GivenBack { reason, .. } => Some(format!("given back: {reason}")),
             ItemOutcome::NotStarted { cause, .. } => Some(with_cause("not started", cause)),
         }
     }

@@ -211,6 +211,14 @@ impl Progress {
         }
     }
 
+    /// Shows one line about the run, above the bar or in the log.
+    pub fn note(&mut self, text: String) {
+        match &mut self.view {
+            View::Bar(bar) => bar.println(text),
+            View::Log(out) => drop(writeln!(out, "{text}")),
+        }
+    }
+
     /// Runs `write` with the progress bar cleared from the screen, then
     /// draws the bar again, below what `write` printed.
     pub fn suspend<R>(&self, write: impl FnOnce() -> R) -> R {
@@ -252,7 +260,9 @@ impl Progress {
             return;
         };
         match outcome {
-            ItemOutcome::NotStarted { .. } => {
+            // A given-back item is neither done nor failed: another
+            // attempt, in another process or a later run, may take it.
+            ItemOutcome::NotStarted { .. } | ItemOutcome::GivenBack { .. } => {
                 summary.not_started += 1;
                 return;
             }
@@ -297,6 +307,7 @@ impl Progress {
         let tag = match outcome {
             ItemOutcome::NotStarted { .. } => "SKIP  ",
             ItemOutcome::Interrupted { .. } => "KILLED",
+            ItemOutcome::GivenBack { .. } => "BACK  ",
             _ => "FAILED",
         };
         format!("{elapsed:>6.2}s  {tag} #{index} {place}: {reason}")

@@ -41,6 +41,10 @@ struct Record<'a> {
     /// Each recipient's last SMTP reply, for an email.
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     recipients: &'a [RecipientReply],
+    /// The fencing token of the last attempt's shared lease, with
+    /// `--limiter`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fence: Option<u64>,
 }
 
 /// The item as it appears in a record: a string for a line of text or a
@@ -153,6 +157,7 @@ impl<'a> Record<'a> {
             stderr_tail: &result.stderr_tail,
             error: outcome.reason(),
             recipients: &result.recipients,
+            fence: result.fence,
         }
     }
 }

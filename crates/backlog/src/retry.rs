@@ -9,11 +9,14 @@
 use std::future::Future;
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
+
 use crate::duration::format_duration;
 use crate::exec::{ItemResult, Runner};
+use crate::fleet::{Lease, SharedLimiter};
 use crate::group::Termination;
 use crate::outcome::ItemOutcome;
-use crate::stop::{StopLevel, StopWatch};
+use crate::stop::{Stop, StopCause, StopLevel, StopWatch};
 
 /// The maximum wait before a retry, however many attempts failed.
 pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
@@ -48,6 +51,18 @@ pub struct Attempts<'a, R> {
     pub policy: &'a RetryPolicy,
     /// The time limit of each attempt.
     pub timeout: Option<Duration>,
+    /// The limiter shared with other processes (`--limiter`), if any.
+    pub fleet: Option<Fleet<'a>>,
+}
+
+/// The shared limiter of a run, and the stop request it raises when it
+/// fails.
+#[derive(Clone, Copy)]
+pub struct Fleet<'a> {
+    /// Grants a lease for each attempt.
+    pub limiter: &'a dyn SharedLimiter,
+    /// Stops the run when the limiter fails.
+    pub stop: &'a Stop,
 }
 
 /// A step of an item's retries, reported to the caller of [`Attempts::run`].
@@ -55,9 +70,23 @@ pub struct Attempts<'a, R> {
 pub enum RetryEvent {
     /// A failed attempt will be retried after a backoff, without a permit.
     Waiting(RetryNotice),
-    /// The backoff is over and the permit is held again: attempt number
-    /// `.0` (from 2) starts now.
-    Starting(u32),
+    /// The backoff is over and the permit (and the shared lease, if any)
+    /// is held again: attempt number `attempt` (from 2) starts now.
+    Starting {
+        /// The number of the attempt, from 2.
+        attempt: u32,
+        /// The fence of the shared lease the attempt holds.
+        fence: Option<u64>,
+    },
+    /// The first attempt holds a shared lease with this fence.
+    Leased(u64),
+    /// The attempt lost its shared lease and its item is given back; it
+    /// waits for a new grant without using up a retry. `stopped` tells
+    /// whether its command was stopped, or had ended already.
+    GivenBack {
+        /// Whether the command was stopped.
+        stopped: bool,
+    },
 }
 
 /// A retry about to wait for its backoff, for the progress display.
@@ -103,6 +132,12 @@ pub fn parse_retry_delay(text: &str) -> Result<Duration, String> {
     Ok(delay)
 }
 
+impl std::fmt::Debug for Fleet<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Fleet({})", self.limiter.url())
+    }
+}
+
 impl RetryPolicy {
     /// Returns whether the failed attempt that produced `result` may be
     /// retried. Commands that could not start and commands the run killed
@@ -115,7 +150,7 @@ impl RetryPolicy {
             return false;
         }
         match (&self.retry_on, result.terminated) {
-            (_, Some(Termination::Stopped)) => false,
+            (_, Some(Termination::Stopped | Termination::LeaseLost)) => false,
             (RetryOn::Any, _) => true,
             (RetryOn::ExitCodes(_), Some(Termination::TimedOut(_))) => false,
             (RetryOn::ExitCodes(codes), None) => {
@@ -142,14 +177,21 @@ impl<R: Runner> Attempts<'_, R> {
     /// Runs `job` under `permit`, retrying as the policy allows, and returns
     /// the last attempt's result with the item's outcome.
     ///
-    /// The permit is dropped before each backoff, and `reacquire` gets a
-    /// new one after it (`None` when the limiter is closed); `notify` hears
-    /// of both steps. Once the run is stopping, no attempt starts: a retry
-    /// that is still waiting ends as not started.
+    /// With a shared limiter, each attempt also holds a lease of it, taken
+    /// after the local permit under `shared_key` (the global limit alone
+    /// for `None`). An attempt whose lease is lost is stopped and its item
+    /// given back; it then waits for a new grant without using up one of
+    /// the retries.
+    ///
+    /// The permit and the lease are dropped before each backoff, and
+    /// `reacquire` gets a new permit after it (`None` when the limiter is
+    /// closed); `notify` hears of every step. Once the run is stopping, no
+    /// attempt starts: a retry that is still waiting ends as not started.
     pub async fn run<P, A, AF, N, NF>(
         &self,
         job: R::Job,
         (permit, reacquire): (P, A),
+        shared_key: Option<&str>,
         stop: StopWatch,
         notify: N,
     ) -> (ItemResult, ItemOutcome)
@@ -166,38 +208,105 @@ impl<R: Runner> Attempts<'_, R> {
         }
         let max_attempts = self.policy.retries.saturating_add(1);
         let mut permit = Some(permit);
-        let mut attempts = 0;
+        let mut lease = match self.take_lease(shared_key, &stop).await {
+            Ok(lease) => lease,
+            Err(cause) => {
+                let outcome = ItemOutcome::NotStarted { attempts: 0, cause };
+                return (ItemResult::default(), outcome);
+            }
+        };
+        if let Some(lease) = &lease {
+            notify(RetryEvent::Leased(lease.fence())).await;
+        }
+        // Attempts given back after a lost lease do not count as retries.
+        let (mut attempts, mut given_back) = (0, 0);
         loop {
             attempts += 1;
-            let terminate = terminate_on(self.timeout, stop.clone());
-            let result = self.runner.run(job.clone(), terminate).await;
-            let retry = attempts < max_attempts
-                && self.policy.is_retryable(&result)
-                && stop.level() == StopLevel::Running;
-            if !retry {
-                let outcome = ItemOutcome::from_last_attempt(&result, attempts, stop.cause());
-                return (result, outcome);
-            }
-
-            // Give the permit back for the backoff, so that others can run.
-            drop(permit.take());
-            let delay = self.policy.backoff(attempts, fastrand::f64());
-            let failure = result.failure_reason().unwrap_or_default();
-            let attempt = attempts + 1;
-            notify(RetryEvent::Waiting(RetryNotice {
-                failure,
-                attempt,
-                max_attempts,
-                delay,
-            }))
-            .await;
+            let lost = lease.as_ref().map(|lease| lease.lost());
+            let terminate = terminate_on(self.timeout, stop.clone(), lost);
+            let mut result = self.runner.run(job.clone(), terminate).await;
+            result.fence = lease.as_ref().map(|lease| lease.fence());
+            let stopped = result.terminated == Some(Termination::LeaseLost);
+            // A lease lost as the command ended must not let the item be
+            // recorded done: another process may hold the item by now.
+            let lost = stopped || lease.as_ref().is_some_and(|lease| lease.is_lost());
+            let delay = if lost {
+                result.terminated = Some(Termination::LeaseLost);
+                // Dropping the lease releases it, in the background.
+                drop(lease.take());
+                drop(permit.take());
+                if stop.level() >= StopLevel::Soon {
+                    let outcome = ItemOutcome::from_last_attempt(&result, attempts, None);
+                    return (result, outcome);
+                }
+                given_back += 1;
+                notify(RetryEvent::GivenBack { stopped }).await;
+                Duration::ZERO
+            } else {
+                let retries_used = attempts - given_back;
+                let retry = retries_used < max_attempts
+                    && self.policy.is_retryable(&result)
+                    && stop.level() == StopLevel::Running;
+                if !retry {
+                    let outcome = ItemOutcome::from_last_attempt(&result, attempts, stop.cause());
+                    return (result, outcome);
+                }
+                // Give the permit and the lease back for the backoff, so
+                // that others can run.
+                drop(lease.take());
+                drop(permit.take());
+                let delay = self.policy.backoff(retries_used, fastrand::f64());
+                let failure = result.failure_reason().unwrap_or_default();
+                notify(RetryEvent::Waiting(RetryNotice {
+                    failure,
+                    attempt: attempts + 1,
+                    max_attempts: max_attempts.saturating_add(given_back),
+                    delay,
+                }))
+                .await;
+                delay
+            };
             permit = wait_and_acquire(delay, &reacquire, stop.clone()).await;
             // A permit granted as the run starts stopping starts nothing.
             if permit.is_none() || stop.level() >= StopLevel::Soon {
                 let cause = stop.cause();
                 return (result, ItemOutcome::NotStarted { attempts, cause });
             }
-            notify(RetryEvent::Starting(attempt)).await;
+            lease = match self.take_lease(shared_key, &stop).await {
+                Ok(lease) => lease,
+                Err(cause) => return (result, ItemOutcome::NotStarted { attempts, cause }),
+            };
+            let fence = lease.as_ref().map(|lease| lease.fence());
+            notify(RetryEvent::Starting {
+                attempt: attempts + 1,
+                fence,
+            })
+            .await;
+        }
+    }
+
+    /// Waits for a lease of the shared limiter, if there is one. Fails with
+    /// the cause of the stop when the run starts stopping first, or when
+    /// the limiter fails, which stops the run so that nothing new starts.
+    async fn take_lease(
+        &self,
+        key: Option<&str>,
+        stop: &StopWatch,
+    ) -> Result<Option<Box<dyn Lease>>, Option<StopCause>> {
+        let Some(fleet) = self.fleet else {
+            return Ok(None);
+        };
+        let mut stopping = stop.clone();
+        tokio::select! {
+            granted = fleet.limiter.acquire(key) => match granted {
+                Ok(lease) => Ok(Some(lease)),
+                Err(message) => {
+                    let url = fleet.limiter.url();
+                    fleet.stop.request(StopLevel::Soon, StopCause::Limiter { url, message });
+                    Err(stop.cause())
+                }
+            },
+            () = stopping.reached(StopLevel::Soon) => Err(stop.cause()),
         }
     }
 }
@@ -223,9 +332,19 @@ where
     }
 }
 
-/// Resolves when an attempt must be terminated: after `timeout`, or when
-/// the run stops now.
-async fn terminate_on(timeout: Option<Duration>, mut stop: StopWatch) -> Termination {
+/// Resolves when an attempt must be terminated: after `timeout`, when the
+/// run stops now, or when `lease_lost` resolves.
+async fn terminate_on(
+    timeout: Option<Duration>,
+    mut stop: StopWatch,
+    lease_lost: Option<BoxFuture<'static, ()>>,
+) -> Termination {
+    let lease_lost = async {
+        match lease_lost {
+            Some(lost) => lost.await,
+            None => std::future::pending().await,
+        }
+    };
     let timed_out = async {
         match timeout {
             Some(after) => {
@@ -238,6 +357,7 @@ async fn terminate_on(timeout: Option<Duration>, mut stop: StopWatch) -> Termina
     tokio::select! {
         after = timed_out => Termination::TimedOut(after),
         () = stop.reached(StopLevel::Now) => Termination::Stopped,
+        () = lease_lost => Termination::LeaseLost,
     }
 }
 

@@ -30,6 +30,14 @@ pub enum StopCause {
     Deadline(Duration),
     /// The `--halt` threshold of failed items was reached.
     Halt(String),
+    /// The shared limiter (`--limiter`) could not grant a permit, so the
+    /// run fails closed.
+    Limiter {
+        /// The limiter's URL, without its password.
+        url: String,
+        /// The error to report, with what to do about it.
+        message: String,
+    },
 }
 
 /// The stop request: the level and the first cause that raised it.
@@ -147,6 +155,7 @@ impl fmt::Display for StopCause {
                 write!(f, "the deadline of {} passed", format_duration(*after))
             }
             StopCause::Halt(rule) => write!(f, "--halt {rule} was reached"),
+            StopCause::Limiter { url, .. } => write!(f, "the limiter {url} failed"),
         }
     }
 }

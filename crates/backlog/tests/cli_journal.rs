@@ -418,7 +418,7 @@ fn newer_schema_version_is_rejected() {
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(
         stderr.contains(
-            "journal 'journal.db' has schema version 7, but this backlog reads version 1 only"
+            "journal 'journal.db' has schema version 7, but this backlog reads versions 1 to 2 only"
         ),
         "{stderr}"
     );

@@ -29,8 +29,8 @@ use crate::template::{self, Template};
 
 pub use self::error::{Access, JournalError};
 pub use self::owner::{Liveness, Owner};
-pub use self::store::Started;
 use self::store::{ClaimRequest, Op, Reply, Store};
+pub use self::store::{Commit, Started};
 
 /// The maximum number of requests committed in one transaction.
 const MAX_BATCH: usize = 512;
@@ -124,6 +124,10 @@ pub enum AttemptEnd {
     /// The attempt was stopped before it finished, for the given reason:
     /// the item is pending and runs again on the next run.
     Interrupted(String),
+    /// The attempt lost its shared lease (`--limiter`), for the given
+    /// reason: the item is pending, neither done nor failed, and another
+    /// attempt may take it.
+    GivenBack(String),
 }
 
 /// The journal's decision about an item, made before it runs.
@@ -288,6 +292,13 @@ impl AttemptRecord {
             ..AttemptRecord::default()
         }
     }
+
+    fn given_back(reason: &str) -> Self {
+        AttemptRecord {
+            error: Some(format!("given back: {reason}")),
+            ..AttemptRecord::default()
+        }
+    }
 }
 
 impl Journal {
@@ -351,28 +362,50 @@ impl Journal {
     }
 
     /// Marks an item that `admit` let run as running again, for a retry,
-    /// and returns the number of the new attempt.
+    /// under the shared lease with `fence` if there is one, and returns the
+    /// number of the new attempt.
     ///
     /// # Errors
     ///
     /// Fails when the journal cannot be written.
-    #[allow(dead_code)]
-    pub async fn start_attempt(&self, key: &str) -> Result<u32, JournalError> {
-        match self.send(Op::StartAttempt(key.to_owned())).await? {
+    pub async fn start_attempt(&self, key: &str, fence: Option<u64>) -> Result<u32, JournalError> {
+        match self.send(Op::StartAttempt(key.to_owned(), fence)).await? {
             Reply::Attempt(attempt) => Ok(attempt),
             other => unreachable!("a new attempt got the reply {other:?}"),
         }
     }
 
-    /// Records how an attempt ended. The record is committed when this
-    /// returns.
+    /// Stores the fence of the shared lease that the item's running
+    /// attempt, the first one, holds.
     ///
     /// # Errors
     ///
     /// Fails when the journal cannot be written.
-    pub async fn finish_attempt(&self, key: &str, end: AttemptEnd) -> Result<(), JournalError> {
-        self.send(Op::FinishAttempt(key.to_owned(), end)).await?;
+    pub async fn set_fence(&self, key: &str, fence: u64) -> Result<(), JournalError> {
+        self.send(Op::SetFence(key.to_owned(), fence)).await?;
         Ok(())
+    }
+
+    /// Records how an attempt ended. A success under a shared lease is
+    /// recorded only if the item still has the lease's `fence`, and is
+    /// refused otherwise. The record is committed when this returns.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the journal cannot be written.
+    pub async fn finish_attempt(
+        &self,
+        key: &str,
+        end: AttemptEnd,
+        fence: Option<u64>,
+    ) -> Result<Commit, JournalError> {
+        match self
+            .send(Op::FinishAttempt(key.to_owned(), end, fence))
+            .await?
+        {
+            Reply::Finished(commit) => Ok(commit),
+            other => unreachable!("the end of an attempt got the reply {other:?}"),
+        }
     }
 
     /// Ends the run with `outcome`, releases the lock and stops the writer

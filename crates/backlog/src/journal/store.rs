@@ -15,8 +15,10 @@ use super::{AttemptEnd, AttemptRecord, Claim, Skip};
 /// distinguishes a journal from any other SQLite file.
 pub const APPLICATION_ID: i32 = 0x626c_6f67;
 
-/// The schema version this build reads and writes, kept in `user_version`.
-pub const SCHEMA_VERSION: i32 = 1;
+/// The schema version this build writes, kept in `user_version`. Version 2
+/// added the `fence` column of `items`. A run migrates a version 1 journal,
+/// and `status` reads both.
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// How long a connection waits for another connection's SQLite lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -55,13 +57,15 @@ CREATE TABLE items (
     error       TEXT,
     stderr_tail TEXT,
     started_at  INTEGER,
-    finished_at INTEGER
+    finished_at INTEGER,
+    fence       INTEGER
 ) STRICT, WITHOUT ROWID;
 CREATE INDEX items_by_state ON items (state);
 ";
 
-/// The columns of `items`, checked when an existing journal is opened.
-const ITEM_COLUMNS: [&str; 12] = [
+/// The columns of `items` in schema version 1, checked when an existing
+/// journal is opened.
+const ITEM_COLUMNS_V1: [&str; 12] = [
     "key",
     "state",
     "attempts",
@@ -75,6 +79,22 @@ const ITEM_COLUMNS: [&str; 12] = [
     "started_at",
     "finished_at",
 ];
+
+/// The column that schema version 2 adds to `items`: the fencing token of
+/// the shared lease the item's current attempt runs under, or NULL without
+/// `--limiter`.
+const FENCE_COLUMN: &str = "fence";
+
+/// What `check_schema` found in a database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Schema {
+    /// An empty database, which a run may turn into a journal.
+    Empty,
+    /// A journal of schema version 1, without fences.
+    Version1,
+    /// A journal of the current schema version.
+    Current,
+}
 
 /// The open journal of the current run, which holds the run lock.
 #[derive(Debug)]
@@ -137,10 +157,14 @@ pub struct ClaimRequest {
 pub enum Op {
     /// Decides whether an item runs, and marks it running if so.
     Claim(ClaimRequest),
-    /// Marks an item running again for another attempt.
-    StartAttempt(String),
-    /// Records how an attempt ended.
-    FinishAttempt(String, AttemptEnd),
+    /// Marks an item running again for another attempt, under the shared
+    /// lease with the given fence, if any.
+    StartAttempt(String, Option<u64>),
+    /// Stores the fence of the shared lease the running attempt holds.
+    SetFence(String, u64),
+    /// Records how an attempt ended. With the attempt's fence, a success is
+    /// recorded only if the item still has that fence.
+    FinishAttempt(String, AttemptEnd, Option<u64>),
 }
 
 /// The reply to one `Op`, sent once its batch is committed.
@@ -148,7 +172,24 @@ pub enum Op {
 pub enum Reply {
     Claim(Claim),
     Attempt(u32),
-    Finished,
+    Fenced,
+    Finished(Commit),
+}
+
+/// Whether the end of an attempt was recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Commit {
+    /// The end is recorded, or there was nothing to record it on.
+    Recorded,
+    /// The success of an attempt under fence `fence` was not recorded,
+    /// because the item's stored fence is `stored`: a later attempt, or
+    /// another claim, owns the item now.
+    Refused {
+        /// The fence of the attempt.
+        fence: u64,
+        /// The fence stored with the item, NULL when it has none.
+        stored: Option<u64>,
+    },
 }
 
 /// The columns of an item that a claim looks at.
@@ -185,7 +226,7 @@ pub fn open_read_only(path: &Path) -> Result<Connection, JournalError> {
         .map_err(|e| JournalError::sqlite(path, Access::Open, &e))?;
     conn.busy_timeout(BUSY_TIMEOUT)
         .map_err(|e| JournalError::sqlite(path, Access::Open, &e))?;
-    if !check_schema(&conn, path)? {
+    if check_schema(&conn, path)? == Schema::Empty {
         return Err(JournalError::new(format!(
             "'{}' is an empty SQLite database, not a backlog journal: no run has used it",
             path.display()
@@ -194,9 +235,9 @@ pub fn open_read_only(path: &Path) -> Result<Connection, JournalError> {
     Ok(conn)
 }
 
-/// Checks that `conn` contains a journal of this schema version. Returns
-/// `false` for an empty database, which a run may turn into a journal.
-fn check_schema(conn: &Connection, path: &Path) -> Result<bool, JournalError> {
+/// Checks that `conn` contains a journal of this schema version or of
+/// version 1, and returns which, or `Schema::Empty` for an empty database.
+fn check_schema(conn: &Connection, path: &Path) -> Result<Schema, JournalError> {
     let read = |e: rusqlite::Error| JournalError::sqlite(path, Access::Read, &e);
     let application_id: i32 = conn
         .pragma_query_value(None, "application_id", |row| row.get(0))
@@ -206,7 +247,7 @@ fn check_schema(conn: &Connection, path: &Path) -> Result<bool, JournalError> {
         .map_err(read)?;
     let tables = table_names(conn).map_err(read)?;
     if application_id == 0 && version == 0 && tables.is_empty() {
-        return Ok(false);
+        return Ok(Schema::Empty);
     }
     let fix = "Pass another path to --journal, or move that file away";
     if application_id != APPLICATION_ID {
@@ -220,22 +261,30 @@ fn check_schema(conn: &Connection, path: &Path) -> Result<bool, JournalError> {
             },
         )));
     }
-    if version != SCHEMA_VERSION {
-        return Err(JournalError::new(format!(
-            "journal '{}' has schema version {version}, but this backlog reads version \
-             {SCHEMA_VERSION} only. Use the backlog that wrote it, or pass another path to --journal",
-            path.display(),
-        )));
+    let (schema, mut expected) = match version {
+        1 => (Schema::Version1, ITEM_COLUMNS_V1.to_vec()),
+        SCHEMA_VERSION => (Schema::Current, ITEM_COLUMNS_V1.to_vec()),
+        _ => {
+            return Err(JournalError::new(format!(
+                "journal '{}' has schema version {version}, but this backlog reads versions 1 \
+                 to {SCHEMA_VERSION} only. Use the backlog that wrote it, or pass another path \
+                 to --journal",
+                path.display(),
+            )))
+        }
+    };
+    if schema == Schema::Current {
+        expected.push(FENCE_COLUMN);
     }
     let columns = item_columns(conn).map_err(read)?;
-    if columns != ITEM_COLUMNS {
+    if columns != expected {
         return Err(JournalError::new(format!(
             "journal '{}' has a different schema: its items table has the columns [{}]. {fix}",
             path.display(),
             columns.join(", "),
         )));
     }
-    Ok(true)
+    Ok(schema)
 }
 
 fn table_names(conn: &Connection) -> rusqlite::Result<Vec<String>> {
@@ -372,8 +421,10 @@ impl Store {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(open_error)?;
-        if !check_schema(&tx, path)? {
-            create_schema(&tx, key_rule).map_err(open_error)?;
+        match check_schema(&tx, path)? {
+            Schema::Empty => create_schema(&tx, key_rule).map_err(open_error)?,
+            Schema::Version1 => migrate_to_fences(&tx).map_err(open_error)?,
+            Schema::Current => {}
         }
         check_key_rule(&tx, path, key_rule)?;
         let died = take_lock(&tx, path)?;
@@ -425,7 +476,7 @@ impl Store {
         let ends_an_item = ops.iter().any(|op| {
             matches!(
                 op,
-                Op::FinishAttempt(_, AttemptEnd::Succeeded(_) | AttemptEnd::Failed(_))
+                Op::FinishAttempt(_, AttemptEnd::Succeeded(_) | AttemptEnd::Failed(_), _)
             )
         });
         let synchronous = if ends_an_item { "FULL" } else { "NORMAL" };
@@ -440,9 +491,14 @@ impl Store {
         for op in ops {
             let reply = match op {
                 Op::Claim(request) => claim(&tx, run, retry_failed, request).map(Reply::Claim),
-                Op::StartAttempt(key) => start_attempt(&tx, run, key).map(Reply::Attempt),
-                Op::FinishAttempt(key, end) => {
-                    finish_attempt(&tx, run, key, end).map(|()| Reply::Finished)
+                Op::StartAttempt(key, fence) => {
+                    start_attempt(&tx, run, key, *fence).map(Reply::Attempt)
+                }
+                Op::SetFence(key, fence) => {
+                    set_fence(&tx, run, key, *fence).map(|()| Reply::Fenced)
+                }
+                Op::FinishAttempt(key, end, fence) => {
+                    finish_attempt(&tx, run, key, end, *fence).map(Reply::Finished)
                 }
             };
             replies.push(reply.map_err(write_error)?);
@@ -493,6 +549,13 @@ fn create_schema(tx: &Connection, key_rule: &str) -> rusqlite::Result<()> {
         [key_rule],
     )?;
     Ok(())
+}
+
+/// Migrates a version 1 journal to the current version by adding the
+/// `fence` column, NULL for every item, as a run without `--limiter` writes.
+fn migrate_to_fences(tx: &Connection) -> rusqlite::Result<()> {
+    tx.execute_batch("ALTER TABLE items ADD COLUMN fence INTEGER")?;
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)
 }
 
 /// Checks that the journal was made with the same `--key`, because keys made
@@ -609,32 +672,60 @@ fn claim(
     let attempt = existing.attempts + 1;
     tx.execute(
         "UPDATE items SET state = 'running', attempts = ?2, run = ?3, line = ?4, item = ?5, \
-         started_at = ?6, finished_at = NULL WHERE key = ?1",
+         started_at = ?6, finished_at = NULL, fence = NULL WHERE key = ?1",
         params![request.key, attempt, run, request.line, text, now_ms()],
     )?;
     Ok(Claim::Run { attempt })
 }
 
-fn start_attempt(tx: &Connection, run: i64, key: &str) -> rusqlite::Result<u32> {
+fn start_attempt(
+    tx: &Connection,
+    run: i64,
+    key: &str,
+    fence: Option<u64>,
+) -> rusqlite::Result<u32> {
     tx.query_row(
         "UPDATE items SET state = 'running', attempts = attempts + 1, started_at = ?3, \
-         finished_at = NULL WHERE key = ?1 AND run = ?2 RETURNING attempts",
-        params![key, run, now_ms()],
+         finished_at = NULL, fence = ?4 WHERE key = ?1 AND run = ?2 RETURNING attempts",
+        params![key, run, now_ms(), fence],
         |row| row.get(0),
     )
 }
 
-fn finish_attempt(tx: &Connection, run: i64, key: &str, end: &AttemptEnd) -> rusqlite::Result<()> {
+fn set_fence(tx: &Connection, run: i64, key: &str, fence: u64) -> rusqlite::Result<()> {
+    tx.execute(
+        "UPDATE items SET fence = ?3 WHERE key = ?1 AND run = ?2 AND state = 'running'",
+        params![key, run, fence],
+    )?;
+    Ok(())
+}
+
+/// Records the end of an attempt. A success under a fence is a conditional
+/// write: it changes the item only while the item's stored fence is the
+/// attempt's, and is refused otherwise.
+fn finish_attempt(
+    tx: &Connection,
+    run: i64,
+    key: &str,
+    end: &AttemptEnd,
+    fence: Option<u64>,
+) -> rusqlite::Result<Commit> {
     let (state, record) = match end {
         AttemptEnd::Succeeded(record) => ("done", record),
         AttemptEnd::Failed(record) => ("failed", record),
         AttemptEnd::WillRetry(record) => ("pending", record),
         AttemptEnd::Interrupted(reason) => ("pending", &AttemptRecord::interrupted(reason)),
+        AttemptEnd::GivenBack(reason) => ("pending", &AttemptRecord::given_back(reason)),
     };
     let stderr_tail = (!record.stderr_tail.is_empty()).then(|| record.stderr_tail.join("\n"));
-    tx.execute(
+    let fenced = match (end, fence) {
+        (AttemptEnd::Succeeded(_), Some(fence)) => Some(fence),
+        _ => None,
+    };
+    let changed = tx.execute(
         "UPDATE items SET state = ?3, exit_code = ?4, signal = ?5, error = ?6, stderr_tail = ?7, \
-         finished_at = ?8 WHERE key = ?1 AND run = ?2 AND state = 'running'",
+         finished_at = ?8 WHERE key = ?1 AND run = ?2 AND state = 'running' \
+         AND (?9 IS NULL OR fence IS ?9)",
         params![
             key,
             run,
@@ -643,10 +734,20 @@ fn finish_attempt(tx: &Connection, run: i64, key: &str, end: &AttemptEnd) -> rus
             record.signal,
             record.error,
             stderr_tail,
-            now_ms()
+            now_ms(),
+            fenced
         ],
     )?;
-    Ok(())
+    let Some(fence) = fenced.filter(|_| changed == 0) else {
+        return Ok(Commit::Recorded);
+    };
+    let stored = tx
+        .query_row("SELECT fence FROM items WHERE key = ?1", [key], |row| {
+            row.get(0)
+        })
+        .optional()?
+        .flatten();
+    Ok(Commit::Refused { fence, stored })
 }
 
 /// Returns the longest start of `text` of at most `max` bytes that ends on
@@ -686,8 +787,28 @@ mod tests {
     }
 
     fn finish(store: &mut Store, key: &str, end: AttemptEnd) {
-        let op = Op::FinishAttempt(key.to_owned(), end);
-        assert_eq!(store.apply(&[op]).unwrap(), [Reply::Finished]);
+        let op = Op::FinishAttempt(key.to_owned(), end, None);
+        assert_eq!(
+            store.apply(&[op]).unwrap(),
+            [Reply::Finished(Commit::Recorded)]
+        );
+    }
+
+    fn finish_fenced(store: &mut Store, key: &str, fence: u64) -> Commit {
+        let end = AttemptEnd::Succeeded(AttemptRecord::default());
+        let op = Op::FinishAttempt(key.to_owned(), end, Some(fence));
+        match store.apply(&[op]).unwrap().remove(0) {
+            Reply::Finished(commit) => commit,
+            other => panic!("a finish got {other:?}"),
+        }
+    }
+
+    fn stored_fence(path: &Path, key: &str) -> Option<u64> {
+        let conn = Connection::open(path).unwrap();
+        conn.query_row("SELECT fence FROM items WHERE key = ?1", [key], |row| {
+            row.get(0)
+        })
+        .unwrap()
     }
 
     fn failure(code: i32) -> AttemptRecord {
@@ -789,7 +910,7 @@ mod tests {
         let error = Some("exit status 1".to_owned());
         assert_eq!(row(&path, "a"), ("pending".to_owned(), 1, error));
 
-        let op = Op::StartAttempt("a".to_owned());
+        let op = Op::StartAttempt("a".to_owned(), None);
         assert_eq!(store.apply(&[op]).unwrap(), [Reply::Attempt(2)]);
         assert_eq!(row(&path, "a").0, "running");
         finish(
@@ -876,6 +997,120 @@ mod tests {
                 .contains("identifies items by test keys, but this run would use other keys"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn fenced_success_is_recorded() {
+        let dir = TempDir::new().unwrap();
+        let path = dir.path().join("journal.db");
+        let (mut store, _) = Store::open(&path, RULE, false).unwrap();
+        claim_one(&mut store, "a", 1);
+        assert_eq!(stored_fence(&path, "a"), None);
+        let op = Op::SetFence("a".to_owned(), 7);
+        assert_eq!(store.apply(&[op]).unwrap(), [Reply::Fenced]);
+        assert_eq!(stored_fence(&path, "a"), Some(7));
+        assert_eq!(finish_fenced(&mut store, "a", 7), Commit::Recorded);
+        assert_eq!(row(&path, "a").0, "done");
+    }
+
+    #[test]
+    fn stale_fenced_commit_is_refused() {
+        let dir = TempDir::new().unwrap();
+        let path = dir.path().join("journal.db");
+        let (mut store, _) = Store::open(&path, RULE, false).unwrap();
+        claim_one(&mut store, "a", 1);
+        store.apply(&[Op::SetFence("a".to_owned(), 7)]).unwrap();
+        // The lease of fence 7 was lost and a later attempt took fence 9.
+        let given_back = AttemptEnd::GivenBack("lease lost".to_owned());
+        finish(&mut store, "a", given_back);
+        let error = Some("given back: lease lost".to_owned());
+        assert_eq!(row(&path, "a"), ("pending".to_owned(), 1, error));
+        let op = Op::StartAttempt("a".to_owned(), Some(9));
+        assert_eq!(store.apply(&[op]).unwrap(), [Reply::Attempt(2)]);
+
+        let refused = Commit::Refused {
+            fence: 7,
+            stored: Some(9),
+        };
+        assert_eq!(finish_fenced(&mut store, "a", 7), refused);
+        assert_eq!(row(&path, "a").0, "running");
+        assert_eq!(finish_fenced(&mut store, "a", 9), Commit::Recorded);
+        assert_eq!(row(&path, "a").0, "done");
+    }
+
+    #[test]
+    fn fenced_commit_after_other_claim_is_refused() {
+        let dir = TempDir::new().unwrap();
+        let path = dir.path().join("journal.db");
+        let (mut killed, _) = Store::open(&path, RULE, false).unwrap();
+        claim_one(&mut killed, "a", 1);
+        killed.apply(&[Op::SetFence("a".to_owned(), 3)]).unwrap();
+        drop(killed);
+        forget_holder(&path);
+
+        // A later run claims the item again, which clears its fence.
+        let (mut store, _) = Store::open(&path, RULE, false).unwrap();
+        assert_eq!(claim_one(&mut store, "a", 1), Claim::Run { attempt: 2 });
+        assert_eq!(stored_fence(&path, "a"), None);
+        let refused = Commit::Refused {
+            fence: 3,
+            stored: None,
+        };
+        assert_eq!(finish_fenced(&mut store, "a", 3), refused);
+        assert_eq!(row(&path, "a").0, "running");
+    }
+
+    #[test]
+    fn version_1_journal_is_migrated() {
+        let dir = TempDir::new().unwrap();
+        let path = dir.path().join("journal.db");
+        let (mut store, _) = Store::open(&path, RULE, false).unwrap();
+        claim_one(&mut store, "a", 1);
+        finish(
+            &mut store,
+            "a",
+            AttemptEnd::Succeeded(AttemptRecord::default()),
+        );
+        store.close("completed").unwrap();
+        // Turn the journal back into what version 1 wrote.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch("ALTER TABLE items DROP COLUMN fence; PRAGMA user_version = 1")
+            .unwrap();
+        drop(conn);
+
+        let conn = open_read_only(&path).unwrap();
+        assert_eq!(item_columns(&conn).unwrap(), ITEM_COLUMNS_V1);
+        drop(conn);
+
+        let (mut store, _) = Store::open(&path, RULE, false).unwrap();
+        assert_eq!(claim_one(&mut store, "a", 1), Claim::Skip(Skip::Done));
+        claim_one(&mut store, "b", 2);
+        store.apply(&[Op::SetFence("b".to_owned(), 5)]).unwrap();
+        store.close("completed").unwrap();
+        let conn = Connection::open(&path).unwrap();
+        let version: i32 = conn
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(item_columns(&conn).unwrap().last().unwrap(), FENCE_COLUMN);
+        assert_eq!(stored_fence(&path, "a"), None);
+        assert_eq!(stored_fence(&path, "b"), Some(5));
+    }
+
+    #[test]
+    fn unknown_schema_version_is_rejected() {
+        let dir = TempDir::new().unwrap();
+        let path = dir.path().join("journal.db");
+        Store::open(&path, RULE, false)
+            .unwrap()
+            .0
+            .close("completed")
+            .unwrap();
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", 3).unwrap();
+        drop(conn);
+        let error = Store::open(&path, RULE, false).unwrap_err().to_string();
+        assert!(error.contains("has schema version 3"), "{error}");
     }
 
     #[test]

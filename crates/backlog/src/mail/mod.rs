@@ -18,6 +18,7 @@ use futures_util::stream::{self, Stream, StreamExt};
 use crate::cli::MailArgs;
 use crate::config::ItemRules;
 use crate::engine::{self, RunSetup};
+use crate::fleet::LimiterSettings;
 use crate::journal::{JournalConfig, KeyRule};
 use crate::limits::KeyLimits;
 use crate::progress::Summary;
@@ -54,6 +55,8 @@ pub struct MailConfig {
     pub rules: ItemRules,
     /// The time limit of the whole run.
     pub deadline: Option<Duration>,
+    /// The limiter shared with other processes (`--limiter`).
+    pub limiter: Option<LimiterSettings>,
 }
 
 impl MailConfig {
@@ -124,6 +127,7 @@ impl MailConfig {
                 }),
             },
             deadline: args.deadline,
+            limiter: args.limiter.settings()?,
         })
     }
 }
@@ -179,6 +183,7 @@ pub async fn run(config: &MailConfig) -> anyhow::Result<Summary> {
         rules: &config.rules,
         deadline: config.deadline,
         endless_input: false,
+        limiter: config.limiter.as_ref(),
     };
     // A slowed-down domain gets its limit back after the first retry's wait.
     let cooldown = config.rules.retry.delay.max(Duration::from_secs(1));
