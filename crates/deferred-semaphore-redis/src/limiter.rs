@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -44,7 +44,38 @@ pub(crate) struct Inner {
     wakes: Arc<Wakes>,
     gates: Arc<Gates>,
     pub(crate) counters: Arc<Counters>,
+    pub(crate) releases: Arc<PendingReleases>,
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+}
+
+/// Counts the releases of dropped permits still on their way to Redis, so
+/// that a process can wait for them before it exits.
+#[derive(Debug, Default)]
+pub(crate) struct PendingReleases {
+    count: AtomicUsize,
+    done: tokio::sync::Notify,
+}
+
+impl PendingReleases {
+    pub(crate) fn start(&self) {
+        self.count.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub(crate) fn finish(&self) {
+        if self.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.done.notify_waiters();
+        }
+    }
+
+    async fn wait(&self) {
+        loop {
+            let done = self.done.notified();
+            if self.count.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            done.await;
+        }
+    }
 }
 
 impl Drop for Inner {
@@ -407,6 +438,7 @@ impl RedisLimiter {
             wakes: Arc::new(Wakes::new()),
             gates: Arc::new(Gates::default()),
             counters: Arc::new(Counters::default()),
+            releases: Arc::new(PendingReleases::default()),
             tasks: Mutex::new(Vec::new()),
             namespace,
         });
@@ -537,6 +569,44 @@ impl RedisLimiter {
     /// The namespace this limiter uses.
     pub fn namespace(&self) -> &str {
         self.inner.namespace.name()
+    }
+
+    /// Waits until the release of every permit dropped so far has reached
+    /// Redis or failed.
+    ///
+    /// A dropped permit is released by a background task. Call this
+    /// before the process exits, so that a release still on its way is not
+    /// cut off with the runtime and its lease does not stay held until it
+    /// expires. Each release gives up after its own call timeout, so this
+    /// never waits much longer than that.
+    pub async fn wait_for_releases(&self) {
+        self.inner.releases.wait().await;
+    }
+
+    /// Returns how long the namespace still grants nothing after its state
+    /// was created or lost, or `None` when grants are open.
+    ///
+    /// A new namespace, and one whose state Redis lost, waits one lease
+    /// time before its first grant, so that every holder from before a
+    /// loss has seen its lease lost.
+    pub async fn grace_left(&self) -> Result<Option<Duration>, Error> {
+        let inner = &self.inner;
+        inner
+            .retry_unreachable(|| async {
+                let mut con = inner.con.clone();
+                let (time, grace_until): ((u64, u64), Option<u64>) = redis::pipe()
+                    .cmd("TIME")
+                    .cmd("HGET")
+                    .arg(inner.namespace.meta_key())
+                    .arg("grace_until")
+                    .query_async(&mut con)
+                    .await?;
+                let now_ms = time.0 * 1000 + time.1 / 1000;
+                Ok(grace_until
+                    .filter(|until| *until > now_ms)
+                    .map(|until| Duration::from_millis(until - now_ms)))
+            })
+            .await
     }
 }
 
