@@ -118,6 +118,14 @@ impl Inner {
         self.leases.lock().expect("lease map lock").remove(lease_id);
     }
 
+    /// Whether the lease is still held here: not yet released or dropped.
+    pub(crate) fn holds_lease(&self, lease_id: &str) -> bool {
+        self.leases
+            .lock()
+            .expect("lease map lock")
+            .contains_key(lease_id)
+    }
+
     fn set_global(&self, limit: Option<u64>) {
         self.global_limit
             .store(limit.unwrap_or(NO_LIMIT), Ordering::Relaxed);
@@ -277,10 +285,15 @@ enum Attempt {
 async fn try_once(inner: &Arc<Inner>, key: Option<String>) -> Result<Attempt, CallError> {
     let (sender, receiver) = oneshot::channel();
     let task_inner = inner.clone();
+    // Counted with the releases: a grant for a waiter that gave up is
+    // released by this task, and an exit must wait for it too.
+    inner.releases.start();
     tokio::spawn(async move {
         // When nobody waits any more, the permit in the reply is dropped
         // here and releases its lease.
-        let _ = sender.send(task_inner.call_acquire(key).await);
+        let reply = task_inner.clone().call_acquire(key).await;
+        let _ = sender.send(reply);
+        task_inner.releases.finish();
     });
     let timeout = inner.call_timeout();
     match tokio::time::timeout(timeout, receiver).await {
@@ -572,7 +585,8 @@ impl RedisLimiter {
     }
 
     /// Waits until the release of every permit dropped so far has reached
-    /// Redis or failed.
+    /// Redis or failed, and every acquire call still on its way (from an
+    /// acquire that was given up) has ended.
     ///
     /// A dropped permit is released by a background task. Call this
     /// before the process exits, so that a release still on its way is not
