@@ -22,7 +22,7 @@ use fleet::observer::{
     done_in_results, has_exited, held_fences, intervals, items, journal_items, max_overlap, now,
     signal_group, wait_for, Fleet, Interval, Record, Worker, WorkerSpec, POLL_MAX,
 };
-use fleet::{limiter_url, set_limits};
+use fleet::{limiter_url, limits, set_limits};
 use rustix::process::Signal;
 use test_redis::{Persistence, RedisServer};
 
@@ -409,22 +409,41 @@ fn stopped_backlog_cannot_commit_stale_attempt() {
     );
 }
 
-/// Runs two workers with journals under a global limit of 2, kills Redis
-/// with SIGKILL once a few commands have ended, restarts it after 1 s, and
-/// checks the runs, the journals and the limit. Without persistence it also
-/// checks that nothing starts for one lease after the restart.
+/// Runs two workers with journals under a global limit of 3 and a limit of
+/// 1 on the key `hot` of every other item, kills Redis with SIGKILL once a
+/// few commands have ended, restarts it after 1 s, and checks the runs, the
+/// journals and both limits. Without persistence it also checks that
+/// nothing starts for one lease after the restart, and the limits come
+/// back from the workers' cached copies.
 fn redis_restart_mid_run(persistence: Persistence) {
     let _serial = serial();
     let Some(mut server) = redis(persistence) else {
         return;
     };
-    let url = namespace(&server, "restart", &["--global", "2"]);
+    let url = namespace(
+        &server,
+        "restart",
+        &[
+            "--global",
+            "3",
+            "--per-key-default",
+            "none",
+            "--key",
+            "hot=1",
+        ],
+    );
     let fleet = Fleet::new();
     let labels = ["A", "B"];
     let mut all_items = Vec::new();
     let mut workers = Vec::new();
     for label in labels {
-        let own = items(label, 8, |n| format!("{label}{n}"));
+        let own = items(label, 8, |n| {
+            if n % 2 == 0 {
+                "hot".to_owned()
+            } else {
+                format!("{label}{n}")
+            }
+        });
         let mut spec = WorkerSpec::sleeping(label, &url, own.clone(), 0.5);
         spec.max_run = 2;
         spec.journal = true;
@@ -452,9 +471,11 @@ fn redis_restart_mid_run(persistence: Persistence) {
     let runs = intervals(&records);
     let (max, at) = max_overlap(&runs);
     assert!(
-        max <= 2,
-        "{max} commands at once at {at:.3} over the global 2"
+        max <= 3,
+        "{max} commands at once at {at:.3} over the global 3"
     );
+    let (hot, at) = max_overlap(runs.iter().filter(|run| run.key == "hot"));
+    assert!(hot <= 1, "{hot} commands of `hot` at once at {at:.3}");
     // Nothing is granted while Redis is down. A grant made just before the
     // kill gets 0.5 s to fork its command and write the start record.
     let during_outage: Vec<&Interval> = runs
@@ -476,6 +497,14 @@ fn redis_restart_mid_run(persistence: Persistence) {
         ready_at - killed_at
     );
     assert_fences_ordered(&fleet, &labels, &runs, killed_at, ready_at);
+    // The limits survive: in the append-only file, or written back from
+    // the workers' cached copies when Redis comes back empty.
+    let shown = limits(&url, &["--json"]);
+    assert!(shown.status.success(), "{shown:?}");
+    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(shown["global"], 3, "{shown}");
+    assert_eq!(shown["per_key"]["hot"], 1, "{shown}");
+    assert_eq!(shown["lease_ms"], 2000, "{shown}");
     if persistence == Persistence::None {
         // Every start after the restart comes from a grant made after it,
         // because the outage lasted 1 s, longer than a fork and `date`
