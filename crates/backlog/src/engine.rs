@@ -21,6 +21,7 @@ use tokio::sync::{Mutex, Notify};
 use tokio::time::MissedTickBehavior;
 
 use crate::config::{Config, ItemRules};
+use crate::duration::format_duration;
 use crate::exec::{Gauge, ItemResult, Job, MakeJob, ProcessRunner, Runner};
 use crate::fleet::{self, LimiterSettings, SharedLimiter};
 use crate::halt::HaltCounter;
@@ -88,7 +89,13 @@ enum Journaled {
 struct SinkState<'a, W, F: Write> {
     sinks: &'a mut Sinks<W, F>,
     fatal: Option<anyhow::Error>,
+    /// Whether a long wait for a shared lease was reported.
+    lease_wait_reported: bool,
 }
+
+/// The longest a run waits at its end for its released leases to reach
+/// Redis.
+const RELEASE_WAIT: Duration = Duration::from_secs(5);
 
 /// Everything a run needs besides its items, its jobs and its runner.
 #[derive(Debug)]
@@ -223,6 +230,12 @@ where
         summary = processing => summary,
         never = signals.watch(&stop, setup.deadline, runner.gauge()) => match never {},
     };
+    if let Some(fleet) = &fleet {
+        // Dropped leases are released in the background; an exit before
+        // those releases reach Redis would leave the leases held until
+        // they expire, and the other processes short of them meanwhile.
+        let _ = tokio::time::timeout(RELEASE_WAIT, fleet.limiter().wait_for_releases()).await;
+    }
     // A run that stopped early finished without an error, but the journal
     // must still say that it did not complete.
     let outcome = match stop.cause() {
@@ -285,7 +298,11 @@ where
     W: AsyncWrite + Unpin,
     F: Write,
 {
-    let state = Mutex::new(SinkState { sinks, fatal: None });
+    let state = Mutex::new(SinkState {
+        sinks,
+        fatal: None,
+        lease_wait_reported: false,
+    });
     let sink_failed = Notify::new();
     let halt = RefCell::new(HaltCounter::new(rules.halt));
     let attempts = Attempts {
@@ -548,6 +565,22 @@ where
                         );
                         state.lock().await.sinks.progress.note(text);
                     }
+                    RetryEvent::LeaseWait(waited) => {
+                        let mut state = state.lock().await;
+                        // Once per run: every item waits on the same
+                        // full limit.
+                        if !state.lease_wait_reported {
+                            state.lease_wait_reported = true;
+                            let url = fleet.map(|fleet| fleet.url()).unwrap_or_default();
+                            let text = format!(
+                                "item {index}: waiting over {} for a lease on {url}: its \
+                                 limit is full or the name is in its grace time; \
+                                 `backlog limits {url}` shows the holders",
+                                format_duration(*waited)
+                            );
+                            state.sinks.progress.note(text);
+                        }
+                    }
                     RetryEvent::Starting { .. } | RetryEvent::Leased(_) => {}
                 }
             };
@@ -596,12 +629,16 @@ where
 /// Returns the key an item's leases of the shared limiter are taken
 /// under: the recipient domain of an email, the rendered `--per-key`
 /// template of a command's item, or `None` for the global limit alone.
+///
+/// A key that renders empty takes the global limit alone, as an item
+/// without a key does: Redis has no limit of its own for it.
 fn shared_key_of(item: &Item, key_limits: Option<&KeyLimits>) -> Option<String> {
-    match (&item.kind, key_limits) {
+    let key = match (&item.kind, key_limits) {
         (ItemKind::Mail(envelope), _) => Some(envelope.domain.clone()),
         (_, Some(limits)) if limits.key.is_some() => Some(limits.key_of(item)),
         _ => None,
-    }
+    };
+    key.filter(|key| !key.is_empty())
 }
 
 /// Returns why the journal refused to record an item done under `fence`.
@@ -643,6 +680,7 @@ async fn record_retry(
         }
         RetryEvent::Leased(fence) => journal.set_fence(key, *fence).await,
         RetryEvent::Starting { fence, .. } => journal.start_attempt(key, *fence).await.map(drop),
+        RetryEvent::LeaseWait(_) => Ok(()),
     }
 }
 
@@ -1325,6 +1363,8 @@ mod tests {
             ..limits
         };
         assert_eq!(shared_key_of(item, Some(&rate_only)), None);
+        let empty = &text_items(&[""])[0];
+        assert_eq!(shared_key_of(empty, Some(&limits)), None);
     }
 
     #[tokio::test(start_paused = true)]

@@ -168,10 +168,27 @@ pub fn parse_limiter_url(
         Some(host) if !host.is_empty() => host.to_owned(),
         _ => return Err(format!("'{text}' has no host; {form}")),
     };
+    // The URL keeps a host of a redis:// URL percent-encoded, which no
+    // resolver would find.
+    if host.contains('%') {
+        return Err(format!(
+            "'{text}': the host must be ASCII; write a name with other letters in its \
+             punycode form (xn--...), or use an IP address"
+        ));
+    }
+    if url.port() == Some(0) {
+        return Err(format!("'{text}' has port 0; {form}"));
+    }
     if url.query().is_some() || url.fragment().is_some() {
         return Err(format!("'{text}' has a query or fragment; {form}"));
     }
-    let name = url.path().strip_prefix('/').unwrap_or_default().to_owned();
+    // The NAME as typed: the parsed path is percent-encoded, and an error
+    // must show what the user wrote.
+    let after_scheme = text.split_once("://").map_or(text, |(_, rest)| rest);
+    let name = after_scheme
+        .split_once('/')
+        .map_or("", |(_, path)| path)
+        .to_owned();
     check_name(&name).map_err(|reason| format!("'{text}': {reason}; {form}"))?;
     let user = match url.username() {
         "" => env(USERNAME_VAR).filter(|user| !user.is_empty()),
@@ -257,19 +274,26 @@ pub fn describe_error(url: &LimiterUrl, error: &RedisError) -> String {
         RedisError::Unavailable {
             waited, last_error, ..
         } => format!(
-            "Redis at {url} could not be reached for {} ({last_error}), so backlog started \
-             nothing new. Check that Redis is running and reachable from this machine, or \
-             raise --limiter-timeout",
+            "Redis at {url} could not be reached for {} ({last_error}). Check that Redis is \
+             running and reachable from this machine, or raise --limiter-timeout",
             format_duration(*waited)
         ),
-        RedisError::NoLimit { .. } => format!(
-            "{url} has no global limit, so backlog started nothing new. Set one with: \
-             backlog limits {url} --global N"
-        ),
+        RedisError::NoLimit { .. } => {
+            format!("{url} has no global limit. Set one with: backlog limits {url} --global N")
+        }
         RedisError::Config(reason) => format!("invalid limiter {url}: {reason}"),
         RedisError::Redis(reason) => format!("Redis at {url} returned an error: {reason}"),
         other => format!("the limiter at {url} failed: {other}"),
     }
+}
+
+/// Returns the message for a failure of the limiter during a run, which
+/// then starts nothing new.
+fn describe_run_error(url: &LimiterUrl, error: &RedisError) -> String {
+    format!(
+        "{}; backlog started nothing new",
+        describe_error(url, error)
+    )
 }
 
 impl Lease for RedisPermit {
@@ -298,7 +322,7 @@ impl SharedLimiter for RedisFleet {
             };
             match granted {
                 Ok(permit) => Ok(Box::new(permit) as Box<dyn Lease>),
-                Err(error) => Err(describe_error(&self.url, &error)),
+                Err(error) => Err(describe_run_error(&self.url, &error)),
             }
         })
     }
@@ -498,6 +522,17 @@ mod tests {
             ),
             ("redis://127.0.0.1:7000/a/b", "contains '/'"),
             ("redis://127.0.0.1:7000/a%20b", "contains '%'"),
+            (
+                "redis://127.0.0.1:7000/a{b}",
+                "the NAME 'a{b}' contains '{'",
+            ),
+            ("redis://127.0.0.1:7000/a b", "the NAME 'a b' contains ' '"),
+            (
+                "redis://127.0.0.1:7000/café",
+                "the NAME 'café' contains 'é'",
+            ),
+            ("redis://127.0.0.1:0/jobs", "has port 0"),
+            ("redis://bücher.example:7000/jobs", "punycode"),
             (
                 "redis://127.0.0.1:7000/jobs?db=1",
                 "has a query or fragment",

@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 use std::io::Write;
+use std::time::Duration;
 
 use anyhow::Context;
 use deferred_semaphore_redis::{Holder, LimitChange, Limits};
@@ -26,16 +27,16 @@ pub fn run(args: &LimitsArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let (limits, mut holders) = runtime
+    let (limits, mut holders, grace) = runtime
         .block_on(apply_and_read(&url, args))
         .map_err(anyhow::Error::msg)?;
     sort_holders(&mut holders);
     let text = if args.json {
-        let mut line = render_json(&url, &limits, &holders).to_string();
+        let mut line = render_json(&url, &limits, &holders, grace).to_string();
         line.push('\n');
         line
     } else {
-        render_text(&url, &limits, &holders)
+        render_text(&url, &limits, &holders, grace)
     };
     std::io::stdout()
         .write_all(text.as_bytes())
@@ -68,7 +69,7 @@ fn changes(args: &LimitsArgs) -> Vec<LimitChange> {
 async fn apply_and_read(
     url: &LimiterUrl,
     args: &LimitsArgs,
-) -> Result<(Limits, Vec<Holder>), String> {
+) -> Result<(Limits, Vec<Holder>, Option<Duration>), String> {
     let connected = fleet::connect(url, args.limiter_timeout).await?;
     let limiter = connected.limiter();
     let failed = |error| fleet::describe_error(url, &error);
@@ -77,7 +78,8 @@ async fn apply_and_read(
     }
     let limits = limiter.limits().await.map_err(failed)?;
     let holders = limiter.holders().await.map_err(failed)?;
-    Ok((limits, holders))
+    let grace = limiter.grace_left().await.map_err(failed)?;
+    Ok((limits, holders, grace))
 }
 
 /// Sorts holders by key, the global-only leases first, then from the
@@ -86,7 +88,12 @@ fn sort_holders(holders: &mut [Holder]) {
     holders.sort_by(|a, b| (&a.key, a.age).cmp(&(&b.key, b.age)));
 }
 
-fn render_text(url: &LimiterUrl, limits: &Limits, holders: &[Holder]) -> String {
+fn render_text(
+    url: &LimiterUrl,
+    limits: &Limits,
+    holders: &[Holder],
+    grace: Option<Duration>,
+) -> String {
     let limit = |value: Option<u64>| value.map_or_else(|| "none".to_owned(), |n| n.to_string());
     let mut rows = vec![
         ("global".to_owned(), limit(limits.global)),
@@ -101,6 +108,13 @@ fn render_text(url: &LimiterUrl, limits: &Limits, holders: &[Holder]) -> String 
     let mut text = format!("Limits of {url}:\n");
     for (name, value) in rows {
         let _ = writeln!(text, "  {name:<width$}  {value}");
+    }
+    if let Some(grace) = grace {
+        let _ = writeln!(
+            text,
+            "Grants start in {}: a new name, or one whose data Redis lost, waits one lease time.",
+            format_duration(grace)
+        );
     }
     if holders.is_empty() {
         text.push_str("Holders: none\n");
@@ -144,7 +158,12 @@ fn render_text(url: &LimiterUrl, limits: &Limits, holders: &[Holder]) -> String 
     text
 }
 
-fn render_json(url: &LimiterUrl, limits: &Limits, holders: &[Holder]) -> Value {
+fn render_json(
+    url: &LimiterUrl,
+    limits: &Limits,
+    holders: &[Holder],
+    grace: Option<Duration>,
+) -> Value {
     let per_key: serde_json::Map<String, Value> = limits
         .per_key
         .iter()
@@ -169,11 +188,12 @@ fn render_json(url: &LimiterUrl, limits: &Limits, holders: &[Holder]) -> Value {
         "per_key_default": limits.per_key_default,
         "per_key": per_key,
         "lease_ms": millis(limits.lease),
+        "grace_left_ms": grace.map(millis),
         "holders": holders,
     })
 }
 
-fn millis(duration: std::time::Duration) -> u64 {
+fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
@@ -220,7 +240,7 @@ mod tests {
     fn text_lists_limits_and_holders() {
         let url = parse_limiter_url("redis://127.0.0.1:7000/jobs", |_| None).unwrap();
         let holders = [holder(None, 1500, 12), holder(Some("a.example"), 250, 13)];
-        let text = render_text(&url, &limits(), &holders);
+        let text = render_text(&url, &limits(), &holders, None);
         let expected = "\
 Limits of redis://127.0.0.1:7000/jobs:
   global           4
@@ -233,14 +253,24 @@ KEY        HOLDER  FENCE  AGE    EXPIRES IN
 a.example  host:1  13     250ms  29.75s
 ";
         assert_eq!(text, expected);
-        let empty = render_text(&url, &limits(), &[]);
+        let empty = render_text(&url, &limits(), &[], Some(Duration::from_millis(4500)));
         assert!(empty.ends_with("Holders: none\n"), "{empty}");
+        assert!(
+            empty.contains("\nGrants start in 4.5s: a new name"),
+            "{empty}"
+        );
     }
 
     #[test]
     fn json_has_limits_and_holders() {
         let url = parse_limiter_url("redis://127.0.0.1:7000/jobs", |_| None).unwrap();
-        let value = render_json(&url, &limits(), &[holder(Some("a.example"), 250, 13)]);
+        let value = render_json(
+            &url,
+            &limits(),
+            &[holder(Some("a.example"), 250, 13)],
+            Some(Duration::from_secs(2)),
+        );
+        assert_eq!(value["grace_left_ms"], 2000);
         assert_eq!(value["url"], "redis://127.0.0.1:7000/jobs");
         assert_eq!(value["global"], 4);
         assert_eq!(value["per_key_default"], Value::Null);

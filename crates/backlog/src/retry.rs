@@ -65,6 +65,9 @@ pub struct Fleet<'a> {
     pub stop: &'a Stop,
 }
 
+/// How long a wait for a shared lease lasts before it is reported.
+pub const LONG_LEASE_WAIT: Duration = Duration::from_secs(5);
+
 /// A step of an item's retries, reported to the caller of [`Attempts::run`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RetryEvent {
@@ -80,6 +83,8 @@ pub enum RetryEvent {
     },
     /// The first attempt holds a shared lease with this fence.
     Leased(u64),
+    /// The wait for a shared lease has lasted this long and goes on.
+    LeaseWait(Duration),
     /// The attempt lost its shared lease and its item is given back; it
     /// waits for a new grant without using up a retry. `stopped` tells
     /// whether its command was stopped, or had ended already.
@@ -208,7 +213,7 @@ impl<R: Runner> Attempts<'_, R> {
         }
         let max_attempts = self.policy.retries.saturating_add(1);
         let mut permit = Some(permit);
-        let mut lease = match self.take_lease(shared_key, &stop).await {
+        let mut lease = match self.take_lease(shared_key, &stop, &notify).await {
             Ok(lease) => lease,
             Err(cause) => {
                 let outcome = ItemOutcome::NotStarted { attempts: 0, cause };
@@ -272,7 +277,7 @@ impl<R: Runner> Attempts<'_, R> {
                 let cause = stop.cause();
                 return (result, ItemOutcome::NotStarted { attempts, cause });
             }
-            lease = match self.take_lease(shared_key, &stop).await {
+            lease = match self.take_lease(shared_key, &stop, &notify).await {
                 Ok(lease) => lease,
                 Err(cause) => return (result, ItemOutcome::NotStarted { attempts, cause }),
             };
@@ -288,17 +293,35 @@ impl<R: Runner> Attempts<'_, R> {
     /// Waits for a lease of the shared limiter, if there is one. Fails with
     /// the cause of the stop when the run starts stopping first, or when
     /// the limiter fails, which stops the run so that nothing new starts.
-    async fn take_lease(
+    ///
+    /// A wait longer than [`LONG_LEASE_WAIT`] is reported once through
+    /// `notify`, so that a run waiting on a full limit says why.
+    async fn take_lease<N, NF>(
         &self,
         key: Option<&str>,
         stop: &StopWatch,
-    ) -> Result<Option<Box<dyn Lease>>, Option<StopCause>> {
+        notify: &N,
+    ) -> Result<Option<Box<dyn Lease>>, Option<StopCause>>
+    where
+        N: Fn(RetryEvent) -> NF,
+        NF: Future<Output = ()>,
+    {
         let Some(fleet) = self.fleet else {
             return Ok(None);
         };
         let mut stopping = stop.clone();
+        let acquire = fleet.limiter.acquire(key);
+        let granted = async {
+            tokio::pin!(acquire);
+            tokio::select! {
+                granted = &mut acquire => return granted,
+                () = tokio::time::sleep(LONG_LEASE_WAIT) => {}
+            }
+            notify(RetryEvent::LeaseWait(LONG_LEASE_WAIT)).await;
+            acquire.await
+        };
         tokio::select! {
-            granted = fleet.limiter.acquire(key) => match granted {
+            granted = granted => match granted {
                 Ok(lease) => Ok(Some(lease)),
                 Err(message) => {
                     let url = fleet.limiter.url();

@@ -783,3 +783,74 @@ fn mail_smtp_ca_must_hold_certificates() {
         assert!(stderr.contains(expected), "{file}: {stderr}");
     }
 }
+
+/// Two `backlog mail` processes share a global limit and a limit per
+/// recipient domain through a private redis-server; the sink's own session
+/// counts, over both processes, are the check.
+#[test]
+fn mail_limiter_shares_limits_between_processes() {
+    let dir = TempDir::new().unwrap();
+    let Some(sink) = Sink::start(dir.path(), 0.2) else {
+        return;
+    };
+    let Some(redis) = test_redis::RedisServer::start(test_redis::Persistence::None) else {
+        return;
+    };
+    let limiter = format!("{}/mail", redis.url());
+    let limits = Command::new(assert_cmd::cargo::cargo_bin!("backlog"))
+        .args(["limits", &limiter, "--lease", "2s", "--global", "3"])
+        .args(["--per-key-default", "1"])
+        .output()
+        .unwrap();
+    assert!(
+        limits.status.success(),
+        "{}",
+        String::from_utf8_lossy(&limits.stderr)
+    );
+
+    let mut expected = BTreeSet::new();
+    let mut workers = Vec::new();
+    for worker in ["w1", "w2"] {
+        let outbox = dir.path().join(worker);
+        std::fs::create_dir(&outbox).unwrap();
+        for n in 0..9 {
+            let domain = ["a", "b", "c", "d"][n % 4];
+            let to = format!("{worker}-{n}@{domain}.test");
+            let id = format!("{worker}-{n}@origin.test");
+            write_message(&outbox, &format!("{n}.eml"), &id, &format!("To: {to}"));
+            expected.insert((format!("<{id}>"), to));
+        }
+        // Locally each process could open 4 sessions, 2 per domain; the
+        // shared limits are tighter.
+        let child = Command::new(assert_cmd::cargo::cargo_bin!("backlog"))
+            .current_dir(dir.path())
+            .args(["mail", "--smtp", &sink.url(), "--max-run", "4"])
+            .args(["--per-domain", "2", "--limiter", &limiter])
+            .arg(worker)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        workers.push(child);
+    }
+    for worker in workers {
+        let output = worker.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(0), "{stderr}");
+        assert!(stderr.contains("done 9, failed 0"), "{stderr}");
+    }
+
+    let received = sink.received();
+    let got: BTreeSet<_> = received.keys().cloned().collect();
+    assert_eq!(got, expected);
+    assert!(received.values().all(|&count| count == 1), "{received:?}");
+    let deliveries = sink.deliveries();
+    let last = deliveries.last().unwrap();
+    let max_sessions = last["max_sessions"].as_u64().unwrap();
+    assert!(max_sessions <= 3, "{last}");
+    let per_domain = last["max_per_domain"].as_object().unwrap();
+    assert_eq!(per_domain.len(), 4, "{last}");
+    assert!(per_domain.values().all(|n| n.as_u64() == Some(1)), "{last}");
+    // Both processes finished, so no lease is left behind.
+    assert_eq!(redis.command(&["ZCARD", "dsr:{mail}:h"]).trim(), ":0");
+}

@@ -248,3 +248,42 @@ fn limits_rejects_bad_values() {
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn finished_run_releases_its_leases_and_reports_grace() {
+    let Some(server) = redis() else { return };
+    let url = limiter_url(&server, "rel");
+    set_limits(&url, &["--lease", "2s", "--global", "5"]);
+    // The name is new: `backlog limits` says when grants start.
+    let output = limits(&url, &["--json"]);
+    let shown: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let grace = shown["grace_left_ms"]
+        .as_u64()
+        .expect("a grace on a new name");
+    assert!(grace <= 2000, "{shown}");
+    // A long lease from now on: a lease left behind by the run would stay
+    // listed for a minute.
+    set_limits(&url, &["--lease", "60s"]);
+    let open = poll(50, || {
+        let output = limits(&url, &["--json"]);
+        let shown: Value = serde_json::from_slice(&output.stdout).unwrap();
+        shown["grace_left_ms"].is_null().then_some(())
+    });
+    assert!(
+        open.is_some(),
+        "the grace of a new name ends after its lease"
+    );
+
+    let dir = TempDir::new().unwrap();
+    let input = dir.path().join("in.txt");
+    std::fs::write(&input, "1\n2\n3\n4\n5\n6\n").unwrap();
+    let output = Command::new(backlog_bin())
+        .args(["run", "--max-run", "3", "--limiter", &url])
+        .arg(&input)
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", stderr_of(&output));
+    let held = server.command(&["ZCARD", "dsr:{rel}:h"]);
+    assert_eq!(held.trim(), ":0", "leases left after the run: {held:?}");
+}

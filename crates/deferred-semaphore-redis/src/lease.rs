@@ -163,6 +163,8 @@ async fn renew_all(inner: &Inner) {
     for (state, renewed) in leases.iter().zip(&reply.renewed) {
         if *renewed && state.epoch == reply.epoch {
             state.extend(deadline);
+        } else if !inner.holds_lease(&state.lease_id) {
+            // Released while the renewal was on its way: gone, not lost.
         } else {
             state.mark_lost();
             inner.forget_lease(&state.lease_id);

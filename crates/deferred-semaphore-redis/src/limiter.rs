@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -44,7 +44,38 @@ pub(crate) struct Inner {
     wakes: Arc<Wakes>,
     gates: Arc<Gates>,
     pub(crate) counters: Arc<Counters>,
+    pub(crate) releases: Arc<PendingReleases>,
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+}
+
+/// Counts the releases of dropped permits still on their way to Redis, so
+/// that a process can wait for them before it exits.
+#[derive(Debug, Default)]
+pub(crate) struct PendingReleases {
+    count: AtomicUsize,
+    done: tokio::sync::Notify,
+}
+
+impl PendingReleases {
+    pub(crate) fn start(&self) {
+        self.count.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub(crate) fn finish(&self) {
+        if self.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.done.notify_waiters();
+        }
+    }
+
+    async fn wait(&self) {
+        loop {
+            let done = self.done.notified();
+            if self.count.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            done.await;
+        }
+    }
 }
 
 impl Drop for Inner {
@@ -85,6 +116,14 @@ impl Inner {
 
     pub(crate) fn forget_lease(&self, lease_id: &str) {
         self.leases.lock().expect("lease map lock").remove(lease_id);
+    }
+
+    /// Whether the lease is still held here: not yet released or dropped.
+    pub(crate) fn holds_lease(&self, lease_id: &str) -> bool {
+        self.leases
+            .lock()
+            .expect("lease map lock")
+            .contains_key(lease_id)
     }
 
     fn set_global(&self, limit: Option<u64>) {
@@ -246,10 +285,15 @@ enum Attempt {
 async fn try_once(inner: &Arc<Inner>, key: Option<String>) -> Result<Attempt, CallError> {
     let (sender, receiver) = oneshot::channel();
     let task_inner = inner.clone();
+    // Counted with the releases: a grant for a waiter that gave up is
+    // released by this task, and an exit must wait for it too.
+    inner.releases.start();
     tokio::spawn(async move {
         // When nobody waits any more, the permit in the reply is dropped
         // here and releases its lease.
-        let _ = sender.send(task_inner.call_acquire(key).await);
+        let reply = task_inner.clone().call_acquire(key).await;
+        let _ = sender.send(reply);
+        task_inner.releases.finish();
     });
     let timeout = inner.call_timeout();
     match tokio::time::timeout(timeout, receiver).await {
@@ -407,6 +451,7 @@ impl RedisLimiter {
             wakes: Arc::new(Wakes::new()),
             gates: Arc::new(Gates::default()),
             counters: Arc::new(Counters::default()),
+            releases: Arc::new(PendingReleases::default()),
             tasks: Mutex::new(Vec::new()),
             namespace,
         });
@@ -537,6 +582,45 @@ impl RedisLimiter {
     /// The namespace this limiter uses.
     pub fn namespace(&self) -> &str {
         self.inner.namespace.name()
+    }
+
+    /// Waits until the release of every permit dropped so far has reached
+    /// Redis or failed, and every acquire call still on its way (from an
+    /// acquire that was given up) has ended.
+    ///
+    /// A dropped permit is released by a background task. Call this
+    /// before the process exits, so that a release still on its way is not
+    /// cut off with the runtime and its lease does not stay held until it
+    /// expires. Each release gives up after its own call timeout, so this
+    /// never waits much longer than that.
+    pub async fn wait_for_releases(&self) {
+        self.inner.releases.wait().await;
+    }
+
+    /// Returns how long the namespace still grants nothing after its state
+    /// was created or lost, or `None` when grants are open.
+    ///
+    /// A new namespace, and one whose state Redis lost, waits one lease
+    /// time before its first grant, so that every holder from before a
+    /// loss has seen its lease lost.
+    pub async fn grace_left(&self) -> Result<Option<Duration>, Error> {
+        let inner = &self.inner;
+        inner
+            .retry_unreachable(|| async {
+                let mut con = inner.con.clone();
+                let (time, grace_until): ((u64, u64), Option<u64>) = redis::pipe()
+                    .cmd("TIME")
+                    .cmd("HGET")
+                    .arg(inner.namespace.meta_key())
+                    .arg("grace_until")
+                    .query_async(&mut con)
+                    .await?;
+                let now_ms = time.0 * 1000 + time.1 / 1000;
+                Ok(grace_until
+                    .filter(|until| *until > now_ms)
+                    .map(|until| Duration::from_millis(until - now_ms)))
+            })
+            .await
     }
 }
 

@@ -88,8 +88,10 @@ impl Drop for RedisPermit {
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let inner = self.inner.clone();
             let state = self.state.clone();
+            inner.releases.start();
             runtime.spawn(async move {
                 let _ = release_lease(&inner, &state).await;
+                inner.releases.finish();
             });
         }
     }

@@ -334,3 +334,48 @@ async fn invalid_namespace_rejected() {
         }
     }
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn dropped_permits_released_before_exit() {
+    let Some(server) = RedisServer::start(Persistence::None) else {
+        return;
+    };
+    // A long lease: a release cut off by the exit would show as a holder.
+    prepare(&server, Duration::from_secs(60), 8);
+    let limiter = RedisLimiter::connect(&server.url(), NS, options())
+        .await
+        .unwrap();
+    let mut permits = Vec::new();
+    for _ in 0..8 {
+        permits.push(limiter.acquire_global().await.unwrap());
+    }
+    assert_eq!(count(&server, None), ":8");
+    // Dropping spawns the releases; on a current-thread runtime none of
+    // them has run yet, so only the wait can see them through.
+    drop(permits);
+    limiter.wait_for_releases().await;
+    assert_eq!(count(&server, None), ":0");
+    assert_eq!(limiter.stats().release_calls, 8);
+}
+
+#[tokio::test]
+async fn grace_left_reports_new_namespace_wait() {
+    let Some(server) = RedisServer::start(Persistence::None) else {
+        return;
+    };
+    let limiter = RedisLimiter::connect(&server.url(), NS, options())
+        .await
+        .unwrap();
+    assert_eq!(limiter.grace_left().await.unwrap(), None);
+    limiter
+        .set_limit(LimitChange::Lease(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    let left = limiter.grace_left().await.unwrap().expect("a grace");
+    assert!(
+        left > Duration::from_secs(3) && left <= Duration::from_secs(5),
+        "{left:?}"
+    );
+    prepare(&server, Duration::from_secs(5), 1);
+    assert_eq!(limiter.grace_left().await.unwrap(), None);
+}
