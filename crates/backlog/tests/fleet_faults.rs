@@ -301,9 +301,9 @@ fn sigstop_of_holder_loses_lease() {
     let resume_at = stopped_at + 2.5 * LEASE.as_secs_f64();
     sleep(Duration::from_secs_f64((resume_at - now()).max(0.0)));
     let written_before = written_by(&fleet, stale.pid).len();
+    let continued_at = now();
     a.continue_backlog();
     sleep(Duration::from_secs(1));
-    let continued_at = now();
     for &group in &groups {
         signal_group(group, Signal::CONT);
     }
@@ -325,8 +325,8 @@ fn sigstop_of_holder_loses_lease() {
         stderr.to_lowercase().contains("lease lost"),
         "A did not log the lost lease:\n{stderr}"
     );
-    // A ran the item again under a new grant, once the stale command had
-    // ended.
+    // A ran the item again under a new grant, after it went on. The stale
+    // command, still stopped, got SIGKILL 100 ms after its SIGTERM.
     let records = fleet.records();
     let a_starts = starts_of(&records, "A");
     assert_eq!(a_starts.len(), 2, "A's starts: {a_starts:?}");
