@@ -423,11 +423,15 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
-/// Parses a limit of `backlog limits`: a whole number from 1.
+/// Parses a limit of `backlog limits`: a whole number from 1 to the
+/// limiter's `MAX_LIMIT`.
 fn parse_limit(value: &str) -> Result<u64, String> {
+    let max = deferred_semaphore_redis::MAX_LIMIT;
     match value.parse::<u64>() {
-        Ok(n) if n >= 1 => Ok(n),
-        _ => Err(format!("expected a whole number from 1 (got '{value}')")),
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "expected a whole number from 1 to {max} (got '{value}')"
+        )),
     }
 }
 
@@ -442,12 +446,16 @@ fn parse_optional_limit(value: &str) -> Result<PerKeyDefault, String> {
     }
     parse_limit(value)
         .map(|limit| PerKeyDefault(Some(limit)))
-        .map_err(|_| format!("expected a whole number from 1 or `none` (got '{value}')"))
+        .map_err(|_| {
+            let max = deferred_semaphore_redis::MAX_LIMIT;
+            format!("expected a whole number from 1 to {max} or `none` (got '{value}')")
+        })
 }
 
 /// Parses `--key`: `KEY=N`, split at the last `=`.
 fn parse_key_limit(value: &str) -> Result<(String, u64), String> {
-    let expected = format!("expected KEY=N with N a whole number from 1 (got '{value}')");
+    let max = deferred_semaphore_redis::MAX_LIMIT;
+    let expected = format!("expected KEY=N with N a whole number from 1 to {max} (got '{value}')");
     let Some((key, limit)) = value.rsplit_once('=') else {
         return Err(expected);
     };

@@ -18,6 +18,11 @@ use crate::exec::ItemResult;
 /// rare process that left the group and still keeps them open.
 const DRAIN_AFTER_KILL: Duration = Duration::from_secs(1);
 
+/// The longest wait from SIGTERM to SIGKILL for a command whose lease was
+/// lost. A lease's local deadline comes at least this long before Redis
+/// expires it.
+pub const LEASE_LOST_KILL_AFTER: Duration = Duration::from_millis(100);
+
 /// The reason a command was terminated before it exited by itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Termination {
@@ -33,6 +38,10 @@ pub enum Termination {
 /// Awaits `collecting` (the command's output and exit status) unless
 /// `terminate` resolves first. Then the process group `group` gets SIGTERM,
 /// and SIGKILL after `kill_after` if the command has not ended by then.
+///
+/// After a lost lease, SIGKILL follows within [`LEASE_LOST_KILL_AFTER`]:
+/// the lease's deadline leaves at least that much before Redis lets the
+/// lease expire and grants its place to another process.
 pub async fn collect_or_terminate(
     collecting: impl Future<Output = ItemResult>,
     group: Option<u32>,
@@ -41,10 +50,18 @@ pub async fn collect_or_terminate(
 ) -> ItemResult {
     let mut collecting = pin!(collecting);
     let reason = tokio::select! {
+        // A command that ended is not terminated, even when the reason to
+        // terminate it came at the same moment.
+        biased;
         result = &mut collecting => return result,
         reason = terminate => reason,
     };
     signal_group(group, Signal::TERM);
+    let kill_after = if reason == Termination::LeaseLost {
+        kill_after.min(LEASE_LOST_KILL_AFTER)
+    } else {
+        kill_after
+    };
     let mut result = match tokio::time::timeout(kill_after, &mut collecting).await {
         Ok(result) => result,
         Err(_) => {

@@ -231,10 +231,15 @@ impl<R: Runner> Attempts<'_, R> {
             let terminate = terminate_on(self.timeout, stop.clone(), lost);
             let mut result = self.runner.run(job.clone(), terminate).await;
             result.fence = lease.as_ref().map(|lease| lease.fence());
-            let stopped = result.terminated == Some(Termination::LeaseLost);
+            // A command that exited with a status of its own had ended
+            // before the kill reached it: its exit was not yet seen when
+            // the lease was found lost.
+            let stopped =
+                result.terminated == Some(Termination::LeaseLost) && result.exit_code.is_none();
             // A lease lost as the command ended must not let the item be
             // recorded done: another process may hold the item by now.
-            let lost = stopped || lease.as_ref().is_some_and(|lease| lease.is_lost());
+            let lost = result.terminated == Some(Termination::LeaseLost)
+                || lease.as_ref().is_some_and(|lease| lease.is_lost());
             let delay = if lost {
                 result.terminated = Some(Termination::LeaseLost);
                 // Dropping the lease releases it, in the background.

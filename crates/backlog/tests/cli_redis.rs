@@ -234,6 +234,11 @@ fn tls_url_and_bad_name_are_rejected() {
 fn limits_rejects_bad_values() {
     let cases = [
         (vec!["--global", "0"], "expected a whole number from 1"),
+        (
+            vec!["--global", "18446744073709551615"],
+            "from 1 to 1000000000",
+        ),
+        (vec!["--key", "a=1000000001"], "from 1 to 1000000000"),
         (vec!["--key", "a"], "expected KEY=N"),
         (vec!["--per-key-default", "x"], "or `none`"),
     ];

@@ -1,11 +1,11 @@
 //! Lease state on the client, the self-fencing deadline and the heartbeat
 //! that renews every lease of a limiter in one script call.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 use crate::limiter::Inner;
 use crate::scripts::LeaseRef;
@@ -37,9 +37,20 @@ pub(crate) struct LeaseState {
     pub(crate) key: Option<String>,
     pub(crate) fence: u64,
     pub(crate) epoch: String,
-    deadline: Mutex<Instant>,
+    timing: Mutex<Timing>,
     lost: watch::Sender<bool>,
     counters: Arc<Counters>,
+}
+
+/// The timing from the last grant or renewal of a lease.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timing {
+    /// The local self-fencing deadline.
+    pub(crate) deadline: Instant,
+    /// The lease the reply reported.
+    pub(crate) lease: Duration,
+    /// The expiry Redis stored, in server milliseconds since the epoch.
+    pub(crate) expiry_ms: u64,
 }
 
 impl LeaseState {
@@ -48,7 +59,7 @@ impl LeaseState {
         key: Option<String>,
         fence: u64,
         epoch: String,
-        deadline: Instant,
+        timing: Timing,
         counters: Arc<Counters>,
     ) -> Self {
         Self {
@@ -56,22 +67,36 @@ impl LeaseState {
             key,
             fence,
             epoch,
-            deadline: Mutex::new(deadline),
+            timing: Mutex::new(timing),
             lost: watch::Sender::new(false),
             counters,
         }
     }
 
-    pub(crate) fn deadline(&self) -> Instant {
-        *self.deadline.lock().expect("deadline lock")
+    pub(crate) fn timing(&self) -> Timing {
+        *self.timing.lock().expect("lease timing lock")
     }
 
-    /// Moves the deadline later after a successful renewal. A lease already
-    /// lost stays lost.
-    fn extend(&self, deadline: Instant) {
-        let mut current = self.deadline.lock().expect("deadline lock");
-        if deadline > *current && !*self.lost.borrow() {
-            *current = deadline;
+    pub(crate) fn deadline(&self) -> Instant {
+        self.timing().deadline
+    }
+
+    /// Takes the timing of a successful renewal. The deadline follows the
+    /// renewal, earlier as well as later: after the lease shrank, Redis
+    /// expires the lease at the renewal's time plus the new lease. A lease
+    /// already lost stays lost.
+    fn renewed(&self, timing: Timing) {
+        let mut current = self.timing.lock().expect("lease timing lock");
+        if *self.lost.borrow() {
+            return;
+        }
+        let earlier = timing.deadline < current.deadline;
+        *current = timing;
+        drop(current);
+        if earlier {
+            // Wakes each `lost()` future, which sleeps until the old
+            // deadline, to read the new one.
+            self.lost.send_modify(|_| {});
         }
     }
 
@@ -117,12 +142,20 @@ impl LeaseState {
     }
 }
 
-/// Renews every lease of the limiter each third of a lease until the
-/// limiter and all its permits are gone.
-pub(crate) async fn run_heartbeat(inner: Weak<Inner>, lease_ms: Arc<AtomicU64>) {
+/// Renews every lease of the limiter each third of the shortest lease in
+/// use until the limiter and all its permits are gone. `shrunk` wakes it
+/// when a reply reports a shorter lease, so that it sleeps no longer than a
+/// third of the new one.
+pub(crate) async fn run_heartbeat(inner: Weak<Inner>, shrunk: Arc<Notify>) {
     loop {
-        let lease = Duration::from_millis(lease_ms.load(Ordering::Relaxed));
-        tokio::time::sleep(lease / 3).await;
+        let period = match inner.upgrade() {
+            Some(inner) => inner.shortest_lease() / 3,
+            None => return,
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = shrunk.notified() => continue,
+        }
         let Some(inner) = inner.upgrade() else {
             return;
         };
@@ -130,23 +163,31 @@ pub(crate) async fn run_heartbeat(inner: Weak<Inner>, lease_ms: Arc<AtomicU64>) 
     }
 }
 
-async fn renew_all(inner: &Inner) {
+/// Renews every live lease of the limiter in one call, which also checks
+/// that Redis kept its data (see [`Scripts::renew_expecting`]). It runs
+/// with no leases too, for that check. Returns whether Redis replied.
+///
+/// [`Scripts::renew_expecting`]: crate::scripts::Scripts::renew_expecting
+pub(crate) async fn renew_all(inner: &Inner) -> bool {
+    let _turn = inner.renewing.lock().await;
+
     let leases: Vec<Arc<LeaseState>> = inner.live_leases();
-    if leases.is_empty() {
-        return;
-    }
-    let refs: Vec<LeaseRef<'_>> = leases
+    let refs: Vec<(LeaseRef<'_>, u64)> = leases
         .iter()
-        .map(|lease| LeaseRef {
-            lease_id: &lease.lease_id,
-            key: lease.key.as_deref(),
+        .map(|lease| {
+            let lease_ref = LeaseRef {
+                lease_id: &lease.lease_id,
+                key: lease.key.as_deref(),
+            };
+            (lease_ref, lease.timing().expiry_ms)
         })
         .collect();
-    let lease = inner.lease();
+
+    let lease = inner.shortest_lease();
     let sent = Instant::now();
     inner.counters.renew_calls.fetch_add(1, Ordering::Relaxed);
     let mut con = inner.con.clone();
-    let call = inner.scripts.renew(
+    let call = inner.scripts.renew_expecting(
         &mut con,
         &inner.namespace,
         &refs,
@@ -156,16 +197,24 @@ async fn renew_all(inner: &Inner) {
     // A renewal that times out or fails counts as not renewed: each
     // deadline keeps running from the last success.
     let Ok(Ok(reply)) = tokio::time::timeout(renew_timeout(lease), call).await else {
-        return;
+        return false;
     };
+
     inner.set_lease(reply.lease);
-    let deadline = deadline_after(sent, reply.lease);
+    let timing = Timing {
+        deadline: deadline_after(sent, reply.lease),
+        lease: reply.lease,
+        expiry_ms: reply.expiry_ms,
+    };
     for (state, renewed) in leases.iter().zip(&reply.renewed) {
         if *renewed && state.epoch == reply.epoch {
-            state.extend(deadline);
+            state.renewed(timing);
+        } else if !inner.holds_lease(&state.lease_id) {
+            // Released while the renewal was on its way: gone, not lost.
         } else {
             state.mark_lost();
             inner.forget_lease(&state.lease_id);
         }
     }
+    true
 }

@@ -63,6 +63,11 @@ pub use stats::Stats;
 
 use std::time::Duration;
 
+/// The largest limit [`RedisLimiter::set_limit`] stores. The scripts
+/// compute in Lua numbers, which are doubles, so limits stay far below
+/// 2^53.
+pub const MAX_LIMIT: u64 = 1_000_000_000;
+
 /// Settings of a [`RedisLimiter`].
 #[derive(Debug, Clone)]
 pub struct Options {

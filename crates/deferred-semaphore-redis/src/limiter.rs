@@ -8,17 +8,17 @@ use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::future::BoxFuture;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 
 use crate::error::{redact_url, CallError, Error};
-use crate::lease::{deadline_after, run_heartbeat, LeaseState};
+use crate::lease::{deadline_after, renew_all, run_heartbeat, LeaseState, Timing};
 use crate::permit::RedisPermit;
 use crate::scripts::{
     self, key_field, AcquireReply, Namespace, QueuedCount, Scripts, DEFAULT_LEASE_MS,
 };
 use crate::stats::{Counters, Stats};
 use crate::wake::{run_subscriber, Gates, QueuedWait, Wakes};
-use crate::{Holder, LimitChange, Limits, Options};
+use crate::{Holder, LimitChange, Limits, Options, MAX_LIMIT};
 
 /// The shortest lease [`RedisLimiter::set_limit`] accepts: the deadline
 /// margin is at least 100 ms, so a shorter lease leaves holders almost no
@@ -39,7 +39,11 @@ pub(crate) struct Inner {
     /// Random per limiter; part of the epoch if this limiter recreates the
     /// namespace state.
     pub(crate) token: String,
-    lease_ms: Arc<AtomicU64>,
+    lease_ms: AtomicU64,
+    /// Wakes the heartbeat when a reply reports a shorter lease.
+    lease_shrunk: Arc<Notify>,
+    /// Lets one renewal at a time run, from the heartbeat or an acquire.
+    pub(crate) renewing: tokio::sync::Mutex<()>,
     global_limit: AtomicU64,
     cache: Mutex<Option<Limits>>,
     leases: Mutex<HashMap<String, Weak<LeaseState>>>,
@@ -93,9 +97,23 @@ impl Inner {
         Duration::from_millis(self.lease_ms.load(Ordering::Relaxed))
     }
 
+    /// Stores the namespace's lease from a reply, and wakes the heartbeat
+    /// to plan its sleep again when the lease shrank.
     pub(crate) fn set_lease(&self, lease: Duration) {
-        self.lease_ms
-            .store(scripts::millis(lease).max(1), Ordering::Relaxed);
+        let lease_ms = scripts::millis(lease).max(1);
+        let old = self.lease_ms.swap(lease_ms, Ordering::Relaxed);
+        if lease_ms < old {
+            self.lease_shrunk.notify_one();
+        }
+    }
+
+    /// Returns the shortest of the namespace's lease and the leases that the
+    /// live leases were last granted or renewed with.
+    pub(crate) fn shortest_lease(&self) -> Duration {
+        self.live_leases()
+            .iter()
+            .map(|lease| lease.timing().lease)
+            .fold(self.lease(), Duration::min)
     }
 
     /// The lease a script uses for a grace when the limits hash is gone:
@@ -118,6 +136,14 @@ impl Inner {
 
     pub(crate) fn forget_lease(&self, lease_id: &str) {
         self.leases.lock().expect("lease map lock").remove(lease_id);
+    }
+
+    /// Whether the lease is still held here: not yet released or dropped.
+    pub(crate) fn holds_lease(&self, lease_id: &str) -> bool {
+        self.leases
+            .lock()
+            .expect("lease map lock")
+            .contains_key(lease_id)
     }
 
     fn set_global(&self, limit: Option<u64>) {
@@ -225,10 +251,10 @@ impl Inner {
         Ok(match outcome.reply {
             AcquireReply::Granted {
                 fence,
+                expiry_ms,
                 epoch,
                 lease,
                 global_limit,
-                ..
             } => {
                 self.set_lease(lease);
                 self.set_global(Some(global_limit));
@@ -237,7 +263,11 @@ impl Inner {
                     key,
                     fence,
                     epoch,
-                    deadline_after(sent, lease),
+                    Timing {
+                        deadline: deadline_after(sent, lease),
+                        lease,
+                        expiry_ms,
+                    },
                     self.counters.clone(),
                 ));
                 self.leases
@@ -300,10 +330,15 @@ async fn try_once(
 ) -> Result<Attempt, CallError> {
     let (sender, receiver) = oneshot::channel();
     let task_inner = inner.clone();
+    // Counted with the releases: a grant for a waiter that gave up is
+    // released by this task, and an exit must wait for it too.
+    inner.releases.start();
     tokio::spawn(async move {
         // When nobody waits any more, the permit in the reply is dropped
         // here and releases its lease.
-        let _ = sender.send(task_inner.call_acquire(key, queue_next).await);
+        let reply = task_inner.clone().call_acquire(key, queue_next).await;
+        let _ = sender.send(reply);
+        task_inner.releases.finish();
     });
     let timeout = inner.call_timeout();
     match tokio::time::timeout(timeout, receiver).await {
@@ -334,7 +369,25 @@ async fn acquire(inner: Arc<Inner>, key: Option<String>) -> Result<RedisPermit, 
     let mut failing_since: Option<Instant> = None;
     let mut backoff = Duration::from_millis(50);
     let mut restored = false;
+    let mut check_server = false;
     loop {
+        // A failed call may mean that Redis restarted. The renew script
+        // checks that before the next try and starts a grace if Redis lost
+        // writes, so that this process is not granted beside holders whose
+        // leases vanished.
+        if check_server && !renew_all(&inner).await {
+            let since = *failing_since.get_or_insert_with(Instant::now);
+            let waited = since.elapsed();
+            let patience = inner.options.unavailable_after;
+            if waited >= patience {
+                let message = "the renew call that checks the server failed".to_owned();
+                return Err(inner.unavailable(waited, message));
+            }
+            tokio::time::sleep(backoff.min(patience - waited)).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+            continue;
+        }
+        check_server = false;
         let mut wake = inner.wakes.watch(key.as_deref());
         let error = match try_once(&inner, key.clone(), gate.has_followers()).await {
             Ok(Attempt::Granted {
@@ -376,6 +429,7 @@ async fn acquire(inner: Arc<Inner>, key: Option<String>) -> Result<RedisPermit, 
         match error {
             CallError::Failed(message) => return Err(Error::Redis(message)),
             CallError::Unreachable(message) => {
+                check_server = true;
                 let since = *failing_since.get_or_insert_with(Instant::now);
                 let waited = since.elapsed();
                 let patience = inner.options.unavailable_after;
@@ -474,7 +528,9 @@ impl RedisLimiter {
             options,
             wakes: Arc::new(Wakes::new(token.clone())),
             token,
-            lease_ms: Arc::new(AtomicU64::new(DEFAULT_LEASE_MS)),
+            lease_ms: AtomicU64::new(DEFAULT_LEASE_MS),
+            lease_shrunk: Arc::new(Notify::new()),
+            renewing: tokio::sync::Mutex::new(()),
             global_limit: AtomicU64::new(NO_LIMIT),
             cache: Mutex::new(None),
             leases: Mutex::new(HashMap::new()),
@@ -492,7 +548,7 @@ impl RedisLimiter {
         }
         let heartbeat = tokio::spawn(run_heartbeat(
             Arc::downgrade(&inner),
-            inner.lease_ms.clone(),
+            inner.lease_shrunk.clone(),
         ));
         let subscriber = tokio::spawn(run_subscriber(
             client,
@@ -552,15 +608,29 @@ impl RedisLimiter {
     /// takes back leases already granted: new grants wait until the count
     /// is below the new limit.
     ///
+    /// Fails with [`Error::Config`] for a limit above [`MAX_LIMIT`]: the
+    /// scripts compute in Lua numbers (doubles).
+    ///
     /// If the namespace state is missing in Redis (new, or lost), this
     /// creates it and starts a grace of one lease in which nothing is
     /// granted.
     pub async fn set_limit(&self, change: LimitChange) -> Result<(), Error> {
         let (field, value) = match &change {
-            LimitChange::Global(limit) => ("global".to_owned(), Some(*limit)),
-            LimitChange::PerKeyDefault(limit) => ("default".to_owned(), *limit),
+            LimitChange::Global(limit) => {
+                validate_limit("global limit", *limit)?;
+                ("global".to_owned(), Some(*limit))
+            }
+            LimitChange::PerKeyDefault(limit) => {
+                if let Some(limit) = limit {
+                    validate_limit("per-key default limit", *limit)?;
+                }
+                ("default".to_owned(), *limit)
+            }
             LimitChange::Key(key, limit) => {
                 validate_key(key)?;
+                if let Some(limit) = limit {
+                    validate_limit(&format!("limit of key {key:?}"), *limit)?;
+                }
                 (key_field(key), *limit)
             }
             LimitChange::Lease(lease) => {
@@ -614,7 +684,8 @@ impl RedisLimiter {
     }
 
     /// Waits until the release of every permit dropped so far has reached
-    /// Redis or failed.
+    /// Redis or failed, and every acquire call still on its way (from an
+    /// acquire that was given up) has ended.
     ///
     /// A dropped permit is released by a background task. Call this
     /// before the process exits, so that a release still on its way is not
@@ -745,6 +816,15 @@ fn limit_fields(limits: &Limits) -> Vec<(String, String)> {
         fields.push((key_field(key), limit.to_string()));
     }
     fields
+}
+
+fn validate_limit(name: &str, limit: u64) -> Result<(), Error> {
+    if limit > MAX_LIMIT {
+        return Err(Error::Config(format!(
+            "{name} {limit} is out of range; set a whole number from 0 to {MAX_LIMIT}"
+        )));
+    }
+    Ok(())
 }
 
 fn validate_key(key: &str) -> Result<(), Error> {

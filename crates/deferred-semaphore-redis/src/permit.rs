@@ -37,11 +37,12 @@ impl RedisPermit {
     }
 
     /// The local moment after which this holder must treat the lease as
-    /// lost, unless a renewal moves it later.
+    /// lost, unless a renewal moves it.
     ///
     /// It is the monotonic instant at which the last successful acquire or
-    /// renew request was sent, plus the lease, minus a margin of
-    /// `max(10 % of the lease, 100 ms)` (at most half the lease).
+    /// renew request was sent, plus the lease that reply reported, minus a
+    /// margin of `max(10 % of the lease, 100 ms)` (at most half the lease).
+    /// A renewal after the lease shrank moves it earlier.
     pub fn deadline(&self) -> Instant {
         self.state.deadline()
     }

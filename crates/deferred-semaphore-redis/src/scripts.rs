@@ -61,8 +61,9 @@ impl Namespace {
         &self.name
     }
 
-    /// `dsr:{NAME}:meta`: hash of `epoch`, `grace_until` and `fence`,
-    /// without a TTL, so that its absence means the state was lost.
+    /// `dsr:{NAME}:meta`: hash of `epoch`, `grace_until`, `fence` and
+    /// `run_id` (of the Redis server process that last wrote it), without a
+    /// TTL, so that its absence means the state was lost.
     pub fn meta_key(&self) -> String {
         format!("dsr:{{{}}}:meta", self.name)
     }
@@ -83,7 +84,7 @@ impl Namespace {
     }
 
     /// `dsr:{NAME}:l:<lease_id>`: hash of `holder`, `fence`, `acquired_at`
-    /// and `key` with the lease's expiry.
+    /// and `key` with the lease's expiry, and `released` once released.
     pub fn lease_key(&self, lease_id: &str) -> String {
         format!("dsr:{{{}}}:l:{lease_id}", self.name)
     }
@@ -155,6 +156,12 @@ local function lease_of(limits_key, fallback)
   return 30000
 end
 
+-- The run id of this server process: it changes with every start and
+-- differs between a primary and its replicas.
+local function server_run_id()
+  return string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or ''
+end
+
 -- Reads epoch, grace end and last fence. A missing meta hash means the
 -- state was lost or never existed: recreate it and grant nothing for one
 -- lease, so that every holder from before the loss has stopped.
@@ -165,8 +172,19 @@ local function load_meta(meta_key, now, now_us, lease, token)
   end
   local epoch = int(now_us) .. '-' .. token
   local grace_until = now + lease
-  redis.call('HSET', meta_key, 'epoch', epoch, 'grace_until', int(grace_until), 'fence', 0)
+  redis.call('HSET', meta_key, 'epoch', epoch, 'grace_until', int(grace_until), 'fence', 0,
+    'run_id', server_run_id())
   return epoch, grace_until, 0, true
+end
+
+-- Starts a grace of one lease from now (never shortening one under way)
+-- and a new epoch, so that every holder sees its lease lost at its next
+-- renewal. Returns the new epoch.
+local function start_grace(meta_key, now, now_us, lease, token, grace_until)
+  local epoch = int(now_us) .. '-' .. token
+  local until_ms = math.max(grace_until, now + lease)
+  redis.call('HSET', meta_key, 'epoch', epoch, 'grace_until', int(until_ms))
+  return epoch
 end
 
 -- Sets a TTL of at least ms on key, never shortening one.
@@ -240,6 +258,11 @@ end
 /// keys), then for a key: key set and its waiter queue (3 keys).
 /// ARGV: lease id, holder, key or '', token, fallback lease ms, hint cap ms,
 /// waiter TTL ms, wake channel, '1' to queue the next waiter.
+///
+/// NOTE: this script does not compare the server's run id, because `INFO`
+/// costs about as much as the whole script. After a restart from an older
+/// snapshot it grants beside the vanished leases until the first renew call
+/// of any client starts the grace, and those grants are then lost too.
 /// Returns {status, value, epoch, lease_ms, global limit or -1, extra}:
 /// status 0 granted (value = fence, extra = expiry, then a seventh item:
 /// 1 or 2 when the grant queued the next waiter for the global or the
@@ -338,26 +361,60 @@ return {0, new_fence, epoch, lease, global, expiry, queued}
 
 /// KEYS: meta, limits, global set, then per lease: lease hash, key set (the
 /// global set again for a lease without a key).
-/// ARGV: token, fallback lease ms, then the lease ids.
-/// Returns {epoch, lease_ms, 1 renewed | 0 lost, ...}. A member that is
-/// missing or already expired is lost and removed, never renewed.
+/// ARGV: token, fallback lease ms, then per lease: lease id, expected expiry
+/// ms (the expiry the client last got for it, 0 when unknown).
+/// Returns {epoch, lease_ms, new expiry ms, 1 renewed | 0 lost, ...}. A
+/// member that is missing or already expired is lost and removed, never
+/// renewed.
+///
+/// Redis can lose writes and keep the meta hash, as after a restart from an
+/// older snapshot or a failover to a replica that was behind. Two signs
+/// show it. The meta hash was stamped by another server process (its
+/// `run_id` differs), or a lease is missing from its set before the expiry
+/// its holder last got, although no release marked its lease hash. Either
+/// starts a grace of one lease and a new epoch, and every lease of the call
+/// is lost.
 const RENEW: &str = r#"
 local now, now_us = server_now()
 local lease = lease_of(KEYS[2], tonumber(ARGV[2]))
-local epoch, _, _, created = load_meta(KEYS[1], now, now_us, lease, ARGV[1])
-local out = {epoch, lease}
-for i = 3, #ARGV do
-  local id = ARGV[i]
-  local info = KEYS[2 * i - 2]
-  local set = KEYS[2 * i - 1]
-  local live = not created
+local epoch, grace_until, _, created = load_meta(KEYS[1], now, now_us, lease, ARGV[1])
+local count = (#ARGV - 2) / 2
+local data_lost = false
+if not created then
+  local run_id = server_run_id()
+  local stamped = redis.call('HGET', KEYS[1], 'run_id')
+  if stamped ~= run_id then
+    -- A meta hash from before the run id was stored only gets stamped.
+    if stamped then data_lost = true end
+    redis.call('HSET', KEYS[1], 'run_id', run_id)
+  end
+  for j = 1, count do
+    local id = ARGV[1 + 2 * j]
+    local expected = tonumber(ARGV[2 + 2 * j]) or 0
+    if now < expected and redis.call('HEXISTS', KEYS[2 + 2 * j], 'released') == 0 then
+      for _, s in ipairs({KEYS[3], KEYS[3 + 2 * j]}) do
+        if not redis.call('ZSCORE', s, id) then data_lost = true end
+      end
+    end
+  end
+  if data_lost then
+    epoch = start_grace(KEYS[1], now, now_us, lease, ARGV[1], grace_until)
+  end
+end
+local expiry = now + lease
+local out = {epoch, lease, expiry}
+for j = 1, count do
+  local id = ARGV[1 + 2 * j]
+  local info = KEYS[2 + 2 * j]
+  local set = KEYS[3 + 2 * j]
+  local live = not (created or data_lost)
   for _, s in ipairs({KEYS[3], set}) do
     local score = redis.call('ZSCORE', s, id)
     if not score or tonumber(score) <= now then live = false end
   end
   if live then
     for _, s in ipairs({KEYS[3], set}) do
-      redis.call('ZADD', s, 'XX', now + lease, id)
+      redis.call('ZADD', s, 'XX', expiry, id)
       extend_ttl(s, lease + 1000)
     end
     redis.call('PEXPIRE', info, lease)
@@ -377,6 +434,10 @@ return out
 /// ARGV: lease id, wake channel, key or ''.
 /// Returns the number of set members removed. For each count that then has
 /// room, names its oldest live waiter on the wake channel.
+///
+/// The lease hash stays until its own expiry, marked `released`, so that a
+/// renewal sent before the release does not take the missing member for
+/// lost data.
 const RELEASE: &str = r#"
 local now = server_now()
 local keyed = ARGV[3] ~= ''
@@ -385,7 +446,9 @@ local key_removed = 0
 if keyed then
   key_removed = redis.call('ZREM', KEYS[7], ARGV[1])
 end
-redis.call('DEL', KEYS[3])
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('HSET', KEYS[3], 'released', 1)
+end
 local global = tonumber(redis.call('HGET', KEYS[1], 'global'))
 wake_for_room(KEYS[2], {KEYS[4], KEYS[5], KEYS[6]}, global, removed, now, ARGV[2])
 if keyed then
@@ -497,6 +560,9 @@ pub struct RenewReply {
     pub epoch: String,
     /// The namespace's lease.
     pub lease: Duration,
+    /// The new expiry of every renewed lease, in server milliseconds since
+    /// the epoch.
+    pub expiry_ms: u64,
     /// Per lease in request order: `true` when renewed, `false` when lost.
     pub renewed: Vec<bool>,
 }
@@ -618,10 +684,21 @@ impl Scripts {
             .arg(namespace.wake_channel())
             .arg(if queue_next { "1" } else { "0" });
         let reply: Value = call.invoke_async(con).await?;
-        parse_acquire(&reply).ok_or_else(|| unexpected("acquire", &reply))
+        match parse_acquire(&reply) {
+            Some(parsed) => Ok(parsed),
+            None => {
+                // The script may have granted the lease before its reply
+                // turned out unreadable: take it back rather than leave it
+                // held until it expires.
+                let lease = LeaseRef { lease_id, key };
+                let _ = self.release(con, namespace, lease).await;
+                Err(unexpected("acquire", &reply))
+            }
+        }
     }
 
-    /// Renews every lease in `leases` in one call.
+    /// Renews every lease in `leases` in one call, without an expected
+    /// expiry; see [`renew_expecting`](Self::renew_expecting).
     pub async fn renew<C: ConnectionLike>(
         &self,
         con: &mut C,
@@ -630,15 +707,37 @@ impl Scripts {
         token: &str,
         fallback_lease: Duration,
     ) -> Result<RenewReply, redis::RedisError> {
+        let leases: Vec<(LeaseRef<'_>, u64)> = leases.iter().map(|lease| (*lease, 0)).collect();
+        self.renew_expecting(con, namespace, &leases, token, fallback_lease)
+            .await
+    }
+
+    /// Renews every lease in `leases` in one call. Each lease comes with
+    /// the expiry the caller last got for it, in server milliseconds (0 when
+    /// unknown).
+    ///
+    /// Redis lost writes when a lease is missing from its set before that
+    /// expiry without a release, or when another Redis server process
+    /// stamped the meta hash. The call then starts a grace of one lease and
+    /// a new epoch, and returns every lease as lost. With no leases it still
+    /// checks the server.
+    pub async fn renew_expecting<C: ConnectionLike>(
+        &self,
+        con: &mut C,
+        namespace: &Namespace,
+        leases: &[(LeaseRef<'_>, u64)],
+        token: &str,
+        fallback_lease: Duration,
+    ) -> Result<RenewReply, redis::RedisError> {
         let mut call = self.renew.prepare_invoke();
         call.key(namespace.meta_key())
             .key(namespace.limits_key())
             .key(namespace.holders_key(None));
         call.arg(token).arg(millis(fallback_lease));
-        for lease in leases {
+        for (lease, expected_expiry_ms) in leases {
             call.key(namespace.lease_key(lease.lease_id))
                 .key(namespace.holders_key(lease.key));
-            call.arg(lease.lease_id);
+            call.arg(lease.lease_id).arg(*expected_expiry_ms);
         }
         let reply: Value = call.invoke_async(con).await?;
         parse_renew(&reply, leases.len()).ok_or_else(|| unexpected("renew", &reply))
@@ -812,16 +911,17 @@ fn parse_renew(reply: &Value, count: usize) -> Option<RenewReply> {
     let Value::Array(items) = reply else {
         return None;
     };
-    if items.len() != count + 2 {
+    if items.len() != count + 3 {
         return None;
     }
-    let renewed = items[2..]
+    let renewed = items[3..]
         .iter()
         .map(|item| int(item).map(|n| n == 1))
         .collect::<Option<Vec<bool>>>()?;
     Some(RenewReply {
         epoch: text(&items[0])?,
         lease: Duration::from_millis(uint(&items[1])?),
+        expiry_ms: uint(&items[2])?,
         renewed,
     })
 }

@@ -448,6 +448,33 @@ async fn wait_calls(limiter: &RedisLimiter, calls: u64) {
     }
 }
 
+/// Waits up to `limit` until the limiter has sent `calls` renew calls.
+async fn wait_renewals(limiter: &RedisLimiter, calls: u64, limit: Duration) {
+    let start = Instant::now();
+    while limiter.stats().renew_calls < calls {
+        assert!(
+            start.elapsed() < limit,
+            "{} renew calls after {limit:?}, expected {calls}",
+            limiter.stats().renew_calls
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits up to `limit` for the namespace to be in a grace.
+async fn wait_grace(limiter: &RedisLimiter, limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    loop {
+        if let Some(left) = limiter.grace_left().await.unwrap() {
+            return Some(left);
+        }
+        if start.elapsed() >= limit {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wake_for_other_limiter_ignored() {
     let Some(server) = RedisServer::start(Persistence::None) else {
@@ -494,4 +521,206 @@ async fn wake_for_other_limiter_ignored() {
         .unwrap();
     assert_eq!(second.stats().acquire_calls, 2);
     second_permit.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_shrink_moves_deadline_earlier() {
+    let Some(server) = RedisServer::start(Persistence::None) else {
+        return;
+    };
+    prepare(&server, Duration::from_secs(6), 2);
+    let limiter = RedisLimiter::connect(&server.url(), NS, options())
+        .await
+        .unwrap();
+    let permit = limiter.acquire_global().await.unwrap();
+    assert!(permit.deadline() > Instant::now() + Duration::from_secs(5));
+
+    // An operator shrinks the lease; this process learns it from the
+    // reply of its next renewal, two seconds (a third of 6 s) later.
+    let ns = Namespace::new(NS).unwrap();
+    server.command(&["HSET", &ns.limits_key(), "lease_ms", "600"]);
+    let calls = limiter.stats().renew_calls + 1;
+    wait_renewals(&limiter, calls, Duration::from_secs(5)).await;
+
+    // Redis now expires the lease 600 ms after that renewal.
+    let left = permit.deadline().saturating_duration_since(Instant::now());
+    assert!(left <= Duration::from_millis(600), "deadline {left:?} away");
+    assert!(!permit.is_lost(), "the renewal kept the lease");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shrunk_lease_grants_get_renewed() {
+    let Some(server) = RedisServer::start(Persistence::None) else {
+        return;
+    };
+    prepare(&server, Duration::from_secs(6), 2);
+    let limiter = RedisLimiter::connect(&server.url(), NS, options())
+        .await
+        .unwrap();
+    // Another process shrinks the lease while this one's heartbeat sleeps
+    // for a third of the old lease (2 s).
+    let operator = RedisLimiter::connect(&server.url(), NS, options())
+        .await
+        .unwrap();
+    operator
+        .set_limit(LimitChange::Lease(Duration::from_millis(600)))
+        .await
+        .unwrap();
+
+    let permit = limiter.acquire_global().await.unwrap();
+    let left = permit.deadline().saturating_duration_since(Instant::now());
+    assert!(left <= Duration::from_millis(600), "deadline {left:?} away");
+    // Past the first deadline, well before the old heartbeat would wake.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(!permit.is_lost(), "the grant with the short lease was lost");
+    let ns = Namespace::new(NS).unwrap();
+    let score = server.command(&["ZSCORE", &ns.holders_key(None), permit.lease_id()]);
+    assert!(
+        !score.starts_with("$-1"),
+        "lease gone from Redis: {score:?}"
+    );
+    assert!(limiter.stats().renew_calls >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_restore_starts_grace() {
+    let Some(mut server) = RedisServer::start(Persistence::None) else {
+        return;
+    };
+    prepare(&server, Duration::from_millis(1500), 2);
+    let holder = RedisLimiter::connect(&server.url(), NS, options())
+        .await
+        .unwrap();
+    let first = holder.acquire_global().await.unwrap();
+    // The first renewal stamps the namespace with the server's run id.
+    wait_renewals(&holder, 1, Duration::from_secs(3)).await;
+    assert!(server.command(&["SAVE"]).starts_with("+OK"));
+    // Granted after the snapshot, so the restart below loses it.
+    let second = holder.acquire_global().await.unwrap();
+
+    server.kill();
+    server.restart();
+    let ns = Namespace::new(NS).unwrap();
+    let epoch = server.command(&["HGET", &ns.meta_key(), "epoch"]);
+    assert!(epoch.ends_with("e0\r\n"), "snapshot not loaded: {epoch:?}");
+    assert_eq!(count(&server, None), ":1", "only the first lease is kept");
+
+    let other = RedisLimiter::connect(&server.url(), NS, options())
+        .await
+        .unwrap();
+    let grace = wait_grace(&other, Duration::from_secs(3)).await;
+    assert!(grace.is_some(), "no grace after a restart from a snapshot");
+    let third = tokio::time::timeout(Duration::from_millis(300), other.acquire_global()).await;
+    assert!(third.is_err(), "granted beside two holders: {third:?}");
+    for permit in [&first, &second] {
+        let lost = tokio::time::timeout(Duration::from_secs(3), permit.lost()).await;
+        assert!(lost.is_ok(), "lease {} was not lost", permit.lease_id());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vanished_lease_starts_grace() {
+    let Some(server) = RedisServer::start(Persistence::None) else {
+        return;
+    };
+    prepare(&server, Duration::from_millis(1500), 1);
+    let holder = RedisLimiter::connect(&server.url(), NS, options())
+        .await
+        .unwrap();
+    let permit = holder.acquire_global().await.unwrap();
+    // Writes lost while the meta hash stayed.
+    let ns = Namespace::new(NS).unwrap();
+    server.command(&["ZREM", &ns.holders_key(None), permit.lease_id()]);
+    server.command(&["DEL", &ns.lease_key(permit.lease_id())]);
+
+    let grace = wait_grace(&holder, Duration::from_secs(3)).await;
+    assert!(grace.is_some(), "no grace after a lease vanished");
+    assert!(permit.is_lost());
+    let epoch = server.command(&["HGET", &ns.meta_key(), "epoch"]);
+    assert!(!epoch.ends_with("e0\r\n"), "epoch unchanged: {epoch:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_keeping_data_starts_grace() {
+    let Some(mut server) = RedisServer::start(Persistence::AppendAlways) else {
+        return;
+    };
+    prepare(&server, Duration::from_millis(1500), 2);
+    let holder = RedisLimiter::connect(&server.url(), NS, options())
+        .await
+        .unwrap();
+    let permit = holder.acquire_global().await.unwrap();
+    wait_renewals(&holder, 1, Duration::from_secs(3)).await;
+
+    // Every lease survives, so only the changed run id shows the restart.
+    server.kill();
+    server.restart();
+    assert_eq!(count(&server, None), ":1");
+    let grace = wait_grace(&holder, Duration::from_secs(3)).await;
+    assert!(grace.is_some(), "no grace after a restart");
+    let lost = tokio::time::timeout(Duration::from_secs(3), permit.lost()).await;
+    assert!(
+        lost.is_ok(),
+        "the lease from before the restart was not lost"
+    );
+}
+
+#[tokio::test]
+async fn set_limit_rejects_huge_limits() {
+    let Some(server) = RedisServer::start(Persistence::None) else {
+        return;
+    };
+    prepare(&server, Duration::from_secs(5), 2);
+    let limiter = RedisLimiter::connect(&server.url(), NS, options())
+        .await
+        .unwrap();
+    let cases = [
+        (LimitChange::Global(1 << 53), "9007199254740992"),
+        (
+            LimitChange::PerKeyDefault(Some(1_000_000_001)),
+            "1000000001",
+        ),
+        (
+            LimitChange::Key("k".into(), Some(u64::MAX)),
+            "18446744073709551615",
+        ),
+    ];
+    for (change, shown) in cases {
+        match limiter.set_limit(change.clone()).await {
+            Err(Error::Config(message)) => {
+                assert!(message.contains(shown), "{change:?}: {message}");
+                assert!(message.contains("1000000000"), "{change:?}: {message}");
+            }
+            other => panic!("{change:?}: expected Config, got {other:?}"),
+        }
+    }
+    let limits = limiter.limits().await.unwrap();
+    assert_eq!(limits.global, Some(2));
+    assert_eq!(limits.per_key_default, None);
+    assert!(limits.per_key.is_empty());
+    limiter
+        .set_limit(LimitChange::Global(1_000_000_000))
+        .await
+        .unwrap();
+    assert_eq!(limiter.global_limit(), Some(1_000_000_000));
+}
+
+#[tokio::test]
+async fn unreadable_grant_is_released() {
+    let Some(server) = RedisServer::start(Persistence::None) else {
+        return;
+    };
+    prepare(&server, Duration::from_secs(5), 2);
+    // A limit stored past set_limit's range: Lua turns it into a double
+    // that the reply cannot carry as an integer.
+    let ns = Namespace::new(NS).unwrap();
+    server.command(&["HSET", &ns.limits_key(), "global", "18446744073709551615"]);
+    let limiter = RedisLimiter::connect(&server.url(), NS, options())
+        .await
+        .unwrap();
+    match limiter.acquire_global().await {
+        Err(Error::Redis(message)) => assert!(message.contains("acquire"), "{message}"),
+        other => panic!("expected a Redis error, got {other:?}"),
+    }
+    assert_eq!(count(&server, None), ":0", "the grant was left held");
 }

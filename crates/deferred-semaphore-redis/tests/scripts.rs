@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use deferred_semaphore_redis::scripts::{AcquireReply, LeaseRef, Namespace, Scripts};
+use deferred_semaphore_redis::scripts::{AcquireReply, LeaseRef, Namespace, RenewReply, Scripts};
 use futures_util::StreamExt;
 use redis::aio::ConnectionManager;
 use test_redis::{Persistence, RedisServer};
@@ -215,8 +215,16 @@ async fn release_twice_returns_zero() {
     assert_eq!(f.release("x", Some("a")).await, 2);
     assert_eq!(f.release("x", Some("a")).await, 0);
     assert_eq!(f.count(None), ":0");
-    let info = f.server.command(&["EXISTS", &f.ns.lease_key("x")]);
-    assert_eq!(info.trim(), ":0");
+    // The lease hash stays until its expiry, marked released.
+    let released = f
+        .server
+        .command(&["HGET", &f.ns.lease_key("x"), "released"]);
+    assert!(released.ends_with("1\r\n"), "{released:?}");
+    let ttl = f.server.command(&["PTTL", &f.ns.lease_key("x")]);
+    assert!(
+        !ttl.starts_with(":-"),
+        "the lease hash keeps its expiry: {ttl:?}"
+    );
 }
 
 #[tokio::test]
@@ -382,4 +390,114 @@ async fn expired_waiter_skipped() {
     let keys = f.ns.waiter_keys(None);
     let score = f.server.command(&["ZSCORE", &keys.queue, "gone:"]);
     assert_eq!(score.trim(), "$-1", "expired waiter still queued");
+}
+
+fn expiry(reply: &AcquireReply) -> u64 {
+    match reply {
+        AcquireReply::Granted { expiry_ms, .. } => *expiry_ms,
+        other => panic!("expected a grant, got {other:?}"),
+    }
+}
+
+impl Fixture {
+    async fn renew_expecting(&mut self, id: &str, expected_expiry_ms: u64) -> RenewReply {
+        let leases = [(
+            LeaseRef {
+                lease_id: id,
+                key: None,
+            },
+            expected_expiry_ms,
+        )];
+        self.scripts
+            .renew_expecting(&mut self.con, &self.ns, &leases, "tok", self.lease)
+            .await
+            .unwrap()
+    }
+
+    fn meta(&self, field: &str) -> String {
+        self.server
+            .command(&["HGET", &self.ns.meta_key(), field])
+            .trim()
+            .to_owned()
+    }
+}
+
+#[tokio::test]
+async fn vanished_lease_starts_grace() {
+    let Some(mut f) = fixture(Duration::from_secs(5), 3).await else {
+        return;
+    };
+    let granted = f.acquire("a", None).await;
+    let expected = expiry(&granted);
+    // Lost writes, as after a restart from an older snapshot.
+    f.server.command(&["ZREM", &f.ns.holders_key(None), "a"]);
+    f.server.command(&["DEL", &f.ns.lease_key("a")]);
+
+    let reply = f.renew_expecting("a", expected).await;
+    assert_eq!(reply.renewed, vec![false]);
+    assert_ne!(reply.epoch, "e0", "a new epoch cuts off every holder");
+    let stored = f.meta("epoch");
+    assert!(stored.ends_with(&reply.epoch), "{stored:?}");
+    match f.acquire("b", None).await {
+        AcquireReply::Grace { wait, .. } => {
+            assert!(wait > Duration::from_secs(4), "{wait:?}");
+        }
+        other => panic!("expected a grace, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn released_lease_renewal_keeps_grants_open() {
+    let Some(mut f) = fixture(Duration::from_secs(5), 3).await else {
+        return;
+    };
+    let expected = expiry(&f.acquire("a", None).await);
+    assert_eq!(f.release("a", None).await, 1);
+    // A renewal sent before the release reached Redis.
+    let reply = f.renew_expecting("a", expected).await;
+    assert_eq!(reply.renewed, vec![false]);
+    assert_eq!(reply.epoch, "e0");
+    fence(&f.acquire("b", None).await);
+}
+
+#[tokio::test]
+async fn expired_lease_renewal_keeps_grants_open() {
+    let lease = Duration::from_millis(300);
+    let Some(mut f) = fixture(lease, 3).await else {
+        return;
+    };
+    let expected = expiry(&f.acquire("a", None).await);
+    tokio::time::sleep(lease + Duration::from_millis(50)).await;
+    // Another acquire reaps the expired member before the renewal.
+    fence(&f.acquire("b", None).await);
+    let reply = f.renew_expecting("a", expected).await;
+    assert_eq!(reply.renewed, vec![false]);
+    assert_eq!(reply.epoch, "e0");
+    fence(&f.acquire("c", None).await);
+}
+
+#[tokio::test]
+async fn other_server_run_id_starts_grace() {
+    let Some(mut f) = fixture(Duration::from_secs(5), 3).await else {
+        return;
+    };
+    // The first renewal stamps the meta hash with this server's run id.
+    let stamp = f.renew(&[]).await;
+    assert!(stamp.is_empty());
+    fence(&f.acquire("a", None).await);
+    let run_id = f.meta("run_id");
+    assert!(run_id.len() > 40, "{run_id:?}");
+
+    // A meta hash written by another server process, as after a restart.
+    let ns = f.ns.clone();
+    f.server
+        .command(&["HSET", &ns.meta_key(), "run_id", "0000"]);
+    let reply = f.renew_expecting("a", 0).await;
+    assert_eq!(reply.renewed, vec![false]);
+    assert_ne!(reply.epoch, "e0");
+    assert_eq!(f.meta("run_id"), run_id, "stamped again");
+    assert!(matches!(
+        f.acquire("b", None).await,
+        AcquireReply::Grace { .. }
+    ));
 }

@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use test_redis::{Persistence, RedisServer};
 
+pub mod observer;
+
 /// Counts running commands in `$dir/all.count` and per key in
 /// `$dir/$key.count`, appending each new count to `all.seen` and
 /// `$key.seen`, all under one `flock`. Arguments: the key, the directory,
