@@ -72,7 +72,8 @@ pub const MAX_LIMIT: u64 = 1_000_000_000;
 #[derive(Debug, Clone)]
 pub struct Options {
     /// The maximum sleep of a waiter between two tries when no wake-up
-    /// arrives. Default 1 s.
+    /// arrives. Default 1 s. A waiter stays queued in Redis for three times
+    /// this after its last busy reply.
     pub poll_max: Duration,
     /// How long `acquire` keeps trying while Redis cannot be reached before
     /// it fails with [`Error::Unavailable`]. Default 30 s.

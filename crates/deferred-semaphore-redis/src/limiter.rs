@@ -13,9 +13,11 @@ use tokio::sync::{oneshot, Notify};
 use crate::error::{redact_url, CallError, Error};
 use crate::lease::{deadline_after, renew_all, run_heartbeat, LeaseState, Timing};
 use crate::permit::RedisPermit;
-use crate::scripts::{self, key_field, AcquireReply, Namespace, Scripts, DEFAULT_LEASE_MS};
+use crate::scripts::{
+    self, key_field, AcquireReply, Namespace, QueuedCount, Scripts, DEFAULT_LEASE_MS,
+};
 use crate::stats::{Counters, Stats};
-use crate::wake::{run_subscriber, Gates, Wakes};
+use crate::wake::{run_subscriber, Gates, QueuedWait, Wakes};
 use crate::{Holder, LimitChange, Limits, Options, MAX_LIMIT};
 
 /// The shortest lease [`RedisLimiter::set_limit`] accepts: the deadline
@@ -219,14 +221,22 @@ impl Inner {
 
     /// Sends one acquire call. Runs in its own task, so that a grant for a
     /// cancelled acquire still becomes a permit, which releases itself.
-    async fn call_acquire(self: Arc<Self>, key: Option<String>) -> Result<Attempt, CallError> {
+    ///
+    /// With `queue_next`, a grant that fills a count queues this limiter
+    /// in Redis as that count's next waiter (see
+    /// [`Scripts::acquire_waiting`]).
+    async fn call_acquire(
+        self: Arc<Self>,
+        key: Option<String>,
+        queue_next: bool,
+    ) -> Result<Attempt, CallError> {
         let lease_id = new_id();
         let mut con = self.con.clone();
         let sent = Instant::now();
         self.counters.acquire_calls.fetch_add(1, Ordering::Relaxed);
-        let reply = self
+        let outcome = self
             .scripts
-            .acquire(
+            .acquire_waiting(
                 &mut con,
                 &self.namespace,
                 &lease_id,
@@ -234,9 +244,11 @@ impl Inner {
                 key.as_deref(),
                 &self.token,
                 self.fallback_lease(),
+                self.options.poll_max.saturating_mul(3),
+                queue_next,
             )
             .await?;
-        Ok(match reply {
+        Ok(match outcome.reply {
             AcquireReply::Granted {
                 fence,
                 expiry_ms,
@@ -263,11 +275,15 @@ impl Inner {
                     .expect("lease map lock")
                     .insert(lease_id, Arc::downgrade(&state));
                 self.counters.grants.fetch_add(1, Ordering::Relaxed);
-                Attempt::Granted(RedisPermit {
+                let permit = RedisPermit {
                     state,
                     inner: self.clone(),
                     released: false,
-                })
+                };
+                Attempt::Granted {
+                    permit,
+                    queued_next: outcome.queued_next,
+                }
             }
             AcquireReply::Busy {
                 retry_in,
@@ -292,7 +308,10 @@ impl Inner {
 }
 
 enum Attempt {
-    Granted(RedisPermit),
+    Granted {
+        permit: RedisPermit,
+        queued_next: Option<QueuedCount>,
+    },
     Busy {
         retry_in: Duration,
         global_full: bool,
@@ -304,7 +323,11 @@ enum Attempt {
 }
 
 /// Sends one acquire call and waits for its reply at most a call timeout.
-async fn try_once(inner: &Arc<Inner>, key: Option<String>) -> Result<Attempt, CallError> {
+async fn try_once(
+    inner: &Arc<Inner>,
+    key: Option<String>,
+    queue_next: bool,
+) -> Result<Attempt, CallError> {
     let (sender, receiver) = oneshot::channel();
     let task_inner = inner.clone();
     // Counted with the releases: a grant for a waiter that gave up is
@@ -313,7 +336,7 @@ async fn try_once(inner: &Arc<Inner>, key: Option<String>) -> Result<Attempt, Ca
     tokio::spawn(async move {
         // When nobody waits any more, the permit in the reply is dropped
         // here and releases its lease.
-        let reply = task_inner.clone().call_acquire(key).await;
+        let reply = task_inner.clone().call_acquire(key, queue_next).await;
         let _ = sender.send(reply);
         task_inner.releases.finish();
     });
@@ -330,12 +353,19 @@ async fn try_once(inner: &Arc<Inner>, key: Option<String>) -> Result<Attempt, Ca
 /// Waits for a permit: queues behind earlier local waiters of the same key,
 /// then tries Redis until granted, sleeping between tries until a wake-up,
 /// the script's retry hint or `poll_max`.
+///
+/// The first try goes at once, unless the previous task at the gate left
+/// this process queued in Redis for a full count: then it first waits for
+/// its name on the wake channel, or `poll_max` at most.
 async fn acquire(inner: Arc<Inner>, key: Option<String>) -> Result<RedisPermit, Error> {
     if let Some(key) = &key {
         validate_key(key)?;
     }
-    let _gate = inner.gates.enter(key.as_deref()).await;
+    let gate = inner.gates.enter(key.as_deref()).await;
     let poll_max = inner.options.poll_max;
+    if let Some(mut queued) = gate.take_queued() {
+        queued.wake.wait(queued.global_full, jitter(poll_max)).await;
+    }
     let mut failing_since: Option<Instant> = None;
     let mut backoff = Duration::from_millis(50);
     let mut restored = false;
@@ -359,8 +389,19 @@ async fn acquire(inner: Arc<Inner>, key: Option<String>) -> Result<RedisPermit, 
         }
         check_server = false;
         let mut wake = inner.wakes.watch(key.as_deref());
-        let error = match try_once(&inner, key.clone()).await {
-            Ok(Attempt::Granted(permit)) => return Ok(permit),
+        let error = match try_once(&inner, key.clone(), gate.has_followers()).await {
+            Ok(Attempt::Granted {
+                permit,
+                queued_next,
+            }) => {
+                if let Some(count) = queued_next {
+                    gate.hand_over(QueuedWait {
+                        wake,
+                        global_full: count == QueuedCount::Global,
+                    });
+                }
+                return Ok(permit);
+            }
             Ok(Attempt::Busy {
                 retry_in,
                 global_full,
@@ -479,19 +520,20 @@ impl RedisLimiter {
                 },
             }
         };
+        let token = format!("{:016x}", random_u64());
         let inner = Arc::new(Inner {
             url: shown,
             con,
             scripts: Scripts::new(),
             options,
-            token: format!("{:016x}", random_u64()),
+            wakes: Arc::new(Wakes::new(token.clone())),
+            token,
             lease_ms: AtomicU64::new(DEFAULT_LEASE_MS),
             lease_shrunk: Arc::new(Notify::new()),
             renewing: tokio::sync::Mutex::new(()),
             global_limit: AtomicU64::new(NO_LIMIT),
             cache: Mutex::new(None),
             leases: Mutex::new(HashMap::new()),
-            wakes: Arc::new(Wakes::new()),
             gates: Arc::new(Gates::default()),
             counters: Arc::new(Counters::default()),
             releases: Arc::new(PendingReleases::default()),

@@ -23,6 +23,10 @@ pub const DEFAULT_LEASE_MS: u64 = 30_000;
 /// The maximum retry hint of a busy reply, in milliseconds.
 const HINT_CAP_MS: u64 = 60_000;
 
+/// The waiter TTL of [`Scripts::acquire`]: three times the default
+/// [`Options::poll_max`](crate::Options::poll_max).
+pub const DEFAULT_WAITER_TTL: Duration = Duration::from_secs(3);
+
 /// A validated namespace name and the Redis key names derived from it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Namespace {
@@ -85,11 +89,50 @@ impl Namespace {
         format!("dsr:{{{}}}:l:{lease_id}", self.name)
     }
 
-    /// `dsr:{NAME}:wake`: the channel that carries the key whose capacity
-    /// grew, or an empty message when every waiter should retry.
+    /// Returns the waiter keys of the global count (`key` `None`) or of a
+    /// key's count: see [`WaiterKeys`].
+    pub fn waiter_keys(&self, key: Option<&str>) -> WaiterKeys {
+        let name = |kind: &str| match key {
+            Some(key) => format!("dsr:{{{}}}:{kind}:{key}", self.name),
+            None => format!("dsr:{{{}}}:{kind}", self.name),
+        };
+        WaiterKeys {
+            queue: name("w"),
+            expiry: name("we"),
+            named: name("wn"),
+        }
+    }
+
+    /// `dsr:{NAME}:wake`: the wake channel. A message `@<token>:<key>`
+    /// names the waiting process whose turn it is (`<key>` empty for a
+    /// global acquire). On an empty message every waiter retries. Any
+    /// other message is a key whose capacity grew, as sent by releases of
+    /// earlier versions.
     pub fn wake_channel(&self) -> String {
         format!("dsr:{{{}}}:wake", self.name)
     }
+}
+
+/// The Redis keys that queue the processes waiting for one count (the
+/// global count or one key's). A member is `<token>:<key>`: the token of
+/// the waiting limiter and the key of its acquire (empty for a global
+/// acquire).
+///
+/// A busy reply to an acquire adds its member to the queue of the count that
+/// blocked it, and a grant removes it. A release that frees room in a
+/// count names the oldest live member not yet named on the wake channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WaiterKeys {
+    /// `dsr:{NAME}:w` or `dsr:{NAME}:w:<key>`: sorted set of members
+    /// scored by the server time in ms of their first busy reply.
+    pub queue: String,
+    /// `dsr:{NAME}:we` or `dsr:{NAME}:we:<key>`: sorted set of members
+    /// scored by expiry in server ms: the last busy reply plus the waiter
+    /// TTL. An expired member is dropped, as a waiter that died or gave up.
+    pub expiry: String,
+    /// `dsr:{NAME}:wn` or `dsr:{NAME}:wn:<key>`: hash of the members named
+    /// since their last busy reply; a release skips them.
+    pub named: String,
 }
 
 /// Helpers shared by the scripts.
@@ -151,19 +194,88 @@ local function extend_ttl(key, ms)
     redis.call('PEXPIRE', key, ms)
   end
 end
+
+-- A waiter queue is the table {queue, expiry, named} of WaiterKeys.
+local function forget_waiter(w, member)
+  redis.call('ZREM', w[1], member)
+  redis.call('ZREM', w[2], member)
+  redis.call('HDEL', w[3], member)
+end
+
+-- Queues member behind earlier waiters (or keeps its place) and moves its
+-- expiry to now + ttl.
+local function add_waiter(w, member, now, ttl)
+  redis.call('ZADD', w[1], 'NX', now, member)
+  redis.call('ZADD', w[2], now + ttl, member)
+  redis.call('HDEL', w[3], member)
+  for _, k in ipairs(w) do extend_ttl(k, ttl + 1000) end
+end
+
+-- Names up to n of the oldest live waiters not named yet, each with one
+-- message '@' .. member on channel, and drops expired waiters met on the
+-- way. Looks at no more than 100 members per call.
+local function wake_oldest(w, n, now, channel)
+  local gone = redis.call('ZRANGEBYSCORE', w[2], '-inf', now, 'LIMIT', 0, 100)
+  for _, member in ipairs(gone) do forget_waiter(w, member) end
+  local rank = 0
+  local named = 0
+  for _ = 1, 100 do
+    if named >= n then break end
+    local member = redis.call('ZRANGE', w[1], rank, rank)[1]
+    if not member then break end
+    local expiry = tonumber(redis.call('ZSCORE', w[2], member))
+    if not expiry or expiry <= now then
+      forget_waiter(w, member)
+    elseif redis.call('HEXISTS', w[3], member) == 1 then
+      rank = rank + 1
+    else
+      redis.call('HSET', w[3], member, now)
+      redis.call('PUBLISH', channel, '@' .. member)
+      named = named + 1
+      rank = rank + 1
+    end
+  end
+end
+
+-- The limit of key from the limits hash, or nil when it has none.
+local function key_limit(limits_key, key)
+  local limit = tonumber(redis.call('HGET', limits_key, 'k:' .. key))
+  if not limit then limit = tonumber(redis.call('HGET', limits_key, 'default')) end
+  return limit
+end
+
+-- Names as many waiters of a count as its set has free places, at most
+-- freed, after removing the expired leases.
+local function wake_for_room(set, w, limit, freed, now, channel)
+  if not limit or freed < 1 then return end
+  redis.call('ZREMRANGEBYSCORE', set, '-inf', now)
+  local room = limit - redis.call('ZCARD', set)
+  if room > 0 then wake_oldest(w, math.min(room, freed), now, channel) end
+end
 "#;
 
-/// KEYS: meta, limits, global set, lease hash, [key set].
-/// ARGV: lease id, holder, key or '', token, fallback lease ms, hint cap ms.
+/// KEYS: meta, limits, global set, lease hash, the global waiter queue (3
+/// keys), then for a key: key set and its waiter queue (3 keys).
+/// ARGV: lease id, holder, key or '', token, fallback lease ms, hint cap ms,
+/// waiter TTL ms, wake channel, '1' to queue the next waiter.
 ///
 /// NOTE: this script does not compare the server's run id, because `INFO`
 /// costs about as much as the whole script. After a restart from an older
 /// snapshot it grants beside the vanished leases until the first renew call
 /// of any client starts the grace, and those grants are then lost too.
 /// Returns {status, value, epoch, lease_ms, global limit or -1, extra}:
-/// status 0 granted (value = fence, extra = expiry), 1 busy (value = retry
-/// hint ms, extra = 1 when the global count is full), 2 grace (value = wait
-/// ms), 3 no global limit.
+/// status 0 granted (value = fence, extra = expiry, then a seventh item:
+/// 1 or 2 when the grant queued the next waiter for the global or the
+/// key's count, else 0), 1 busy (value = retry hint ms, extra = 1 when the
+/// global count is full), 2 grace (value = wait ms), 3 no global limit.
+///
+/// A busy reply queues `token:key` as a waiter of the count that blocked it
+/// (the global count when both are full) and removes it from the other
+/// queue. A grant removes it from both. With '1' in ARGV[9], a grant that
+/// fills a count queues the member again at once, for the caller's next
+/// local waiter, which then waits for its name instead of a try that would
+/// be busy. Leases found expired here free room, and that room names
+/// waiters as a release does.
 const ACQUIRE: &str = r#"
 local now, now_us = server_now()
 local lease = lease_of(KEYS[2], tonumber(ARGV[5]))
@@ -175,43 +287,76 @@ end
 if now < grace_until then
   return {2, grace_until - now, epoch, lease, global, 0}
 end
+local keyed = ARGV[3] ~= ''
+local member = ARGV[4] .. ':' .. ARGV[3]
+local channel = ARGV[8]
+local global_waiters = {KEYS[5], KEYS[6], KEYS[7]}
+local key_waiters = {KEYS[9], KEYS[10], KEYS[11]}
 local cap = tonumber(ARGV[6])
 local hint = cap
 local function has_room(set, limit)
-  redis.call('ZREMRANGEBYSCORE', set, '-inf', now)
-  if not limit then return true end
-  if redis.call('ZCARD', set) < limit then return true end
+  local reaped = redis.call('ZREMRANGEBYSCORE', set, '-inf', now)
+  if not limit then return true, reaped end
+  if redis.call('ZCARD', set) < limit then return true, reaped end
   local first = redis.call('ZRANGE', set, 0, 0, 'WITHSCORES')
   if first[2] and tonumber(first[2]) - now < hint then
     hint = tonumber(first[2]) - now
   end
-  return false
+  return false, reaped
 end
-local global_room = has_room(KEYS[3], global)
-local key_room = true
-if KEYS[5] then
-  local limit = tonumber(redis.call('HGET', KEYS[2], 'k:' .. ARGV[3]))
-  if not limit then limit = tonumber(redis.call('HGET', KEYS[2], 'default')) end
-  key_room = has_room(KEYS[5], limit)
+local global_room, global_reaped = has_room(KEYS[3], global)
+local key_room, key_reaped, limit = true, 0, nil
+if keyed then
+  limit = key_limit(KEYS[2], ARGV[3])
+  key_room, key_reaped = has_room(KEYS[8], limit)
+end
+local function wake_reaped()
+  wake_for_room(KEYS[3], global_waiters, global, global_reaped, now, channel)
+  if keyed then
+    wake_for_room(KEYS[8], key_waiters, limit, key_reaped, now, channel)
+  end
 end
 if not (global_room and key_room) then
+  local ttl = tonumber(ARGV[7])
+  if not global_room then
+    add_waiter(global_waiters, member, now, ttl)
+    if keyed then forget_waiter(key_waiters, member) end
+  else
+    add_waiter(key_waiters, member, now, ttl)
+    forget_waiter(global_waiters, member)
+  end
+  wake_reaped()
   if hint < 1 then hint = 1 end
   local global_full = 0
   if not global_room then global_full = 1 end
   return {1, hint, epoch, lease, global, global_full}
 end
+forget_waiter(global_waiters, member)
 local new_fence = math.max(fence + 1, now_us)
 redis.call('HSET', KEYS[1], 'fence', int(new_fence))
 local expiry = now + lease
 redis.call('ZADD', KEYS[3], expiry, ARGV[1])
 extend_ttl(KEYS[3], lease + 1000)
-if KEYS[5] then
-  redis.call('ZADD', KEYS[5], expiry, ARGV[1])
-  extend_ttl(KEYS[5], lease + 1000)
+if keyed then
+  forget_waiter(key_waiters, member)
+  redis.call('ZADD', KEYS[8], expiry, ARGV[1])
+  extend_ttl(KEYS[8], lease + 1000)
 end
 redis.call('HSET', KEYS[4], 'holder', ARGV[2], 'fence', int(new_fence), 'acquired_at', int(now), 'key', ARGV[3])
 redis.call('PEXPIRE', KEYS[4], lease)
-return {0, new_fence, epoch, lease, global, expiry}
+wake_reaped()
+local queued = 0
+if ARGV[9] == '1' then
+  local ttl = tonumber(ARGV[7])
+  if redis.call('ZCARD', KEYS[3]) >= global then
+    add_waiter(global_waiters, member, now, ttl)
+    queued = 1
+  elseif keyed and limit and redis.call('ZCARD', KEYS[8]) >= limit then
+    add_waiter(key_waiters, member, now, ttl)
+    queued = 2
+  end
+end
+return {0, new_fence, epoch, lease, global, expiry, queued}
 "#;
 
 /// KEYS: meta, limits, global set, then per lease: lease hash, key set (the
@@ -284,30 +429,42 @@ end
 return out
 "#;
 
-/// KEYS: global set, lease hash, [key set]. ARGV: lease id, wake channel,
-/// key or ''. Returns the number of set members removed and publishes a
-/// wake-up when it is not zero.
+/// KEYS: limits, global set, lease hash, the global waiter queue (3 keys),
+/// then for a key: key set and its waiter queue (3 keys).
+/// ARGV: lease id, wake channel, key or ''.
+/// Returns the number of set members removed. For each count that then has
+/// room, names its oldest live waiter on the wake channel.
 ///
 /// The lease hash stays until its own expiry, marked `released`, so that a
 /// renewal sent before the release does not take the missing member for
 /// lost data.
 const RELEASE: &str = r#"
-local removed = redis.call('ZREM', KEYS[1], ARGV[1])
-if KEYS[3] then
-  removed = removed + redis.call('ZREM', KEYS[3], ARGV[1])
+local now = server_now()
+local keyed = ARGV[3] ~= ''
+local removed = redis.call('ZREM', KEYS[2], ARGV[1])
+local key_removed = 0
+if keyed then
+  key_removed = redis.call('ZREM', KEYS[7], ARGV[1])
 end
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  redis.call('HSET', KEYS[2], 'released', 1)
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('HSET', KEYS[3], 'released', 1)
 end
-if removed > 0 then
-  redis.call('PUBLISH', ARGV[2], ARGV[3])
+local global = tonumber(redis.call('HGET', KEYS[1], 'global'))
+wake_for_room(KEYS[2], {KEYS[4], KEYS[5], KEYS[6]}, global, removed, now, ARGV[2])
+if keyed then
+  local limit = key_limit(KEYS[1], ARGV[3])
+  wake_for_room(KEYS[7], {KEYS[8], KEYS[9], KEYS[10]}, limit, key_removed, now, ARGV[2])
 end
-return removed
+return removed + key_removed
 "#;
 
-/// KEYS: meta, limits. ARGV: field, value or '' to delete, wake channel,
-/// token, fallback lease ms. Writes one limit, creates a missing meta hash
-/// (which starts a grace) and wakes every waiter. Returns 1.
+/// KEYS: meta, limits, then for the field `global` or `k:<key>`: the
+/// count's set and its waiter queue (3 keys). ARGV: field, value or '' to
+/// delete, wake channel, token, fallback lease ms. Writes one limit and
+/// creates a missing meta hash (which starts a grace). A new limit of a
+/// count given in KEYS names as many of its waiters as it has free places.
+/// Any other change publishes an empty message, on which every waiter
+/// retries. Returns 1.
 const SET_LIMIT: &str = r#"
 local now, now_us = server_now()
 if ARGV[2] == '' then
@@ -317,7 +474,12 @@ else
 end
 local lease = lease_of(KEYS[2], tonumber(ARGV[5]))
 load_meta(KEYS[1], now, now_us, lease, ARGV[4])
-redis.call('PUBLISH', ARGV[3], '')
+if KEYS[3] and ARGV[2] ~= '' then
+  local limit = tonumber(ARGV[2])
+  wake_for_room(KEYS[3], {KEYS[4], KEYS[5], KEYS[6]}, limit, limit, now, ARGV[3])
+else
+  redis.call('PUBLISH', ARGV[3], '')
+end
 return 1
 "#;
 
@@ -372,6 +534,25 @@ pub enum AcquireReply {
     NoLimit,
 }
 
+/// The reply of [`Scripts::acquire_waiting`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcquireOutcome {
+    /// The reply of the try.
+    pub reply: AcquireReply,
+    /// The count whose waiter queue the grant put the caller's member in,
+    /// when it asked for that and the grant left the count full.
+    pub queued_next: Option<QueuedCount>,
+}
+
+/// The count a member was queued for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueuedCount {
+    /// The global count.
+    Global,
+    /// The key's count.
+    Key,
+}
+
 /// The reply of [`Scripts::renew`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RenewReply {
@@ -420,7 +601,7 @@ impl Scripts {
         Self {
             acquire: with_prologue(ACQUIRE),
             renew: with_prologue(RENEW),
-            release: Script::new(RELEASE),
+            release: with_prologue(RELEASE),
             set_limit: with_prologue(SET_LIMIT),
             restore_limits: Script::new(RESTORE_LIMITS),
         }
@@ -430,8 +611,10 @@ impl Scripts {
     /// the key's set, all or nothing.
     ///
     /// `token` goes into a new epoch if the namespace state must be
-    /// recreated. `fallback_lease` is the length of that grace when the
-    /// limits hash is gone too (zero means 30 s).
+    /// recreated, and names the caller in the waiter queues. `fallback_lease`
+    /// is the length of that grace when the limits hash is gone too (zero
+    /// means 30 s). A busy reply queues the caller as a waiter for
+    /// [`DEFAULT_WAITER_TTL`]; see [`acquire_waiting`](Self::acquire_waiting).
     #[allow(clippy::too_many_arguments)]
     pub async fn acquire<C: ConnectionLike>(
         &self,
@@ -443,20 +626,63 @@ impl Scripts {
         token: &str,
         fallback_lease: Duration,
     ) -> Result<AcquireReply, redis::RedisError> {
+        self.acquire_waiting(
+            con,
+            namespace,
+            lease_id,
+            holder,
+            key,
+            token,
+            fallback_lease,
+            DEFAULT_WAITER_TTL,
+            false,
+        )
+        .await
+        .map(|outcome| outcome.reply)
+    }
+
+    /// Does what [`acquire`](Self::acquire) does, with the waiter TTL of a
+    /// busy reply given: the member `<token>:<key>` stays queued in
+    /// [`WaiterKeys`] for `waiter_ttl` after its last busy reply. A caller
+    /// that retries at least every `poll_max` should pass more than that,
+    /// such as `3 × poll_max`.
+    ///
+    /// With `queue_next`, a grant that leaves the global or the key's count
+    /// full queues the member at once, as a busy reply would, for a local
+    /// waiter that comes next. [`AcquireOutcome::queued_next`] returns the
+    /// count it was queued for.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn acquire_waiting<C: ConnectionLike>(
+        &self,
+        con: &mut C,
+        namespace: &Namespace,
+        lease_id: &str,
+        holder: &str,
+        key: Option<&str>,
+        token: &str,
+        fallback_lease: Duration,
+        waiter_ttl: Duration,
+        queue_next: bool,
+    ) -> Result<AcquireOutcome, redis::RedisError> {
         let mut call = self.acquire.prepare_invoke();
         call.key(namespace.meta_key())
             .key(namespace.limits_key())
             .key(namespace.holders_key(None))
             .key(namespace.lease_key(lease_id));
+        add_waiter_keys(&mut call, &namespace.waiter_keys(None));
         if let Some(key) = key {
             call.key(namespace.holders_key(Some(key)));
+            add_waiter_keys(&mut call, &namespace.waiter_keys(Some(key)));
         }
         call.arg(lease_id)
             .arg(holder)
             .arg(key.unwrap_or(""))
             .arg(token)
             .arg(millis(fallback_lease))
-            .arg(HINT_CAP_MS);
+            .arg(HINT_CAP_MS)
+            .arg(millis(waiter_ttl).max(1))
+            .arg(namespace.wake_channel())
+            .arg(if queue_next { "1" } else { "0" });
         let reply: Value = call.invoke_async(con).await?;
         match parse_acquire(&reply) {
             Some(parsed) => Ok(parsed),
@@ -517,9 +743,9 @@ impl Scripts {
         parse_renew(&reply, leases.len()).ok_or_else(|| unexpected("renew", &reply))
     }
 
-    /// Removes a lease and wakes waiters when it was still held. Returns
-    /// the number of set members removed: 0 when the lease was already
-    /// lost or released.
+    /// Removes a lease and, for each count that then has room, names its
+    /// oldest live waiter on the wake channel. Returns the number of set
+    /// members removed: 0 when the lease was already lost or released.
     pub async fn release<C: ConnectionLike>(
         &self,
         con: &mut C,
@@ -527,10 +753,13 @@ impl Scripts {
         lease: LeaseRef<'_>,
     ) -> Result<u64, redis::RedisError> {
         let mut call = self.release.prepare_invoke();
-        call.key(namespace.holders_key(None))
+        call.key(namespace.limits_key())
+            .key(namespace.holders_key(None))
             .key(namespace.lease_key(lease.lease_id));
+        add_waiter_keys(&mut call, &namespace.waiter_keys(None));
         if let Some(key) = lease.key {
             call.key(namespace.holders_key(Some(key)));
+            add_waiter_keys(&mut call, &namespace.waiter_keys(Some(key)));
         }
         call.arg(lease.lease_id)
             .arg(namespace.wake_channel())
@@ -541,8 +770,9 @@ impl Scripts {
             .ok_or_else(|| unexpected("release", &reply))
     }
 
-    /// Writes one field of the limits hash (`value` `None` deletes it) and
-    /// wakes every waiter.
+    /// Writes one field of the limits hash (`value` `None` deletes it). A
+    /// new value of `global` or `k:<key>` names as many waiters of that
+    /// count as it has free places; any other change wakes every waiter.
     pub async fn set_limit<C: ConnectionLike>(
         &self,
         con: &mut C,
@@ -554,6 +784,14 @@ impl Scripts {
     ) -> Result<(), redis::RedisError> {
         let mut call = self.set_limit.prepare_invoke();
         call.key(namespace.meta_key()).key(namespace.limits_key());
+        let count = match field {
+            "global" => Some(None),
+            _ => field.strip_prefix("k:").map(Some),
+        };
+        if let Some(key) = count {
+            call.key(namespace.holders_key(key));
+            add_waiter_keys(&mut call, &namespace.waiter_keys(key));
+        }
         call.arg(field)
             .arg(value.map(|v| v.to_string()).unwrap_or_default())
             .arg(namespace.wake_channel())
@@ -584,6 +822,10 @@ impl Scripts {
             .map(|n| n == 1)
             .ok_or_else(|| unexpected("restore_limits", &reply))
     }
+}
+
+fn add_waiter_keys(call: &mut redis::ScriptInvocation<'_>, keys: &WaiterKeys) {
+    call.key(&keys.queue).key(&keys.expiry).key(&keys.named);
 }
 
 pub(crate) fn millis(duration: Duration) -> u64 {
@@ -620,16 +862,28 @@ fn text(value: &Value) -> Option<String> {
     }
 }
 
-fn parse_acquire(reply: &Value) -> Option<AcquireReply> {
+fn parse_acquire(reply: &Value) -> Option<AcquireOutcome> {
     let Value::Array(items) = reply else {
         return None;
     };
-    let [status, value, epoch, lease, global, extra] = items.as_slice() else {
-        return None;
+    let (status, value, epoch, lease, global, extra, queued) = match items.as_slice() {
+        [status, value, epoch, lease, global, extra] => {
+            (status, value, epoch, lease, global, extra, None)
+        }
+        [status, value, epoch, lease, global, extra, queued] => {
+            (status, value, epoch, lease, global, extra, Some(queued))
+        }
+        _ => return None,
+    };
+    let queued_next = match queued.map(int).unwrap_or(Some(0))? {
+        0 => None,
+        1 => Some(QueuedCount::Global),
+        2 => Some(QueuedCount::Key),
+        _ => return None,
     };
     let lease = Duration::from_millis(uint(lease)?);
     let global_limit = uint(global);
-    Some(match int(status)? {
+    let reply = match int(status)? {
         0 => AcquireReply::Granted {
             fence: uint(value)?,
             expiry_ms: uint(extra)?,
@@ -649,7 +903,8 @@ fn parse_acquire(reply: &Value) -> Option<AcquireReply> {
         },
         3 => AcquireReply::NoLimit,
         _ => return None,
-    })
+    };
+    Some(AcquireOutcome { reply, queued_next })
 }
 
 fn parse_renew(reply: &Value, count: usize) -> Option<RenewReply> {

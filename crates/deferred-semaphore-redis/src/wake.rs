@@ -7,54 +7,73 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, Semaphore};
 
-/// Wake-up signals for local waiters: one for "any capacity grew" and one
-/// per key with a waiter.
+/// Wake-up signals for local waiters: one per gate (the global acquire or
+/// one key) with a waiter, and one for "any capacity grew".
 #[derive(Debug)]
 pub(crate) struct Wakes {
+    /// The limiter's token, as it appears in the waiter queues.
+    token: String,
     any: watch::Sender<u64>,
-    keys: Mutex<HashMap<String, watch::Sender<u64>>>,
+    gates: Mutex<HashMap<Option<String>, watch::Sender<u64>>>,
 }
 
 impl Wakes {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(token: String) -> Self {
         Self {
+            token,
             any: watch::Sender::new(0),
-            keys: Mutex::new(HashMap::new()),
+            gates: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Dispatches one message of the wake channel. A key name wakes that
-    /// key's waiters and every waiter on the global count. An empty message
-    /// wakes every waiter.
+    /// Dispatches one message of the wake channel (see
+    /// [`Namespace::wake_channel`](crate::scripts::Namespace::wake_channel)).
+    /// A message that names this limiter wakes the waiter of the named
+    /// gate, and one that names another limiter wakes no waiter. An empty
+    /// message wakes every waiter. Any other message is a key name from a
+    /// release of an earlier version: it wakes that key's waiter and every
+    /// waiter blocked by the global count.
     pub(crate) fn dispatch(&self, payload: &str) {
-        let keys = self.keys.lock().expect("wake map lock");
+        if let Some((token, key)) = payload.strip_prefix('@').and_then(|m| m.split_once(':')) {
+            if token == self.token {
+                let gate = (!key.is_empty()).then(|| key.to_owned());
+                let gates = self.gates.lock().expect("wake map lock");
+                if let Some(sender) = gates.get(&gate) {
+                    sender.send_modify(|n| *n += 1);
+                }
+            }
+            return;
+        }
+        let gates = self.gates.lock().expect("wake map lock");
         if payload.is_empty() {
-            for sender in keys.values() {
+            for sender in gates.values() {
                 sender.send_modify(|n| *n += 1);
             }
-        } else if let Some(sender) = keys.get(payload) {
+        } else if let Some(sender) = gates.get(&Some(payload.to_owned())) {
             sender.send_modify(|n| *n += 1);
         }
-        drop(keys);
+        drop(gates);
         self.any.send_modify(|n| *n += 1);
     }
 
     /// Starts watching before a try, so that a wake-up sent while the try
     /// is on its way is not missed.
     pub(crate) fn watch(self: &Arc<Self>, key: Option<&str>) -> WakeWatch {
-        let key_receiver = key.map(|key| {
-            let mut keys = self.keys.lock().expect("wake map lock");
-            keys.entry(key.to_owned())
+        let gate = key.map(str::to_owned);
+        let gate_receiver = {
+            let mut gates = self.gates.lock().expect("wake map lock");
+            gates
+                .entry(gate.clone())
                 .or_insert_with(|| watch::Sender::new(0))
                 .subscribe()
-        });
+        };
         WakeWatch {
             wakes: self.clone(),
-            key: key.map(str::to_owned),
+            gate,
             any: self.any.subscribe(),
-            key_receiver,
+            gate_receiver: Some(gate_receiver),
         }
     }
 }
@@ -63,29 +82,31 @@ impl Wakes {
 #[derive(Debug)]
 pub(crate) struct WakeWatch {
     wakes: Arc<Wakes>,
-    key: Option<String>,
+    gate: Option<String>,
     any: watch::Receiver<u64>,
-    key_receiver: Option<watch::Receiver<u64>>,
+    gate_receiver: Option<watch::Receiver<u64>>,
 }
 
 impl WakeWatch {
     /// Waits for a wake-up or `timeout`, whichever comes first. A waiter
-    /// blocked by its key alone listens to that key; one blocked by the
-    /// global count listens to every release.
+    /// listens to the messages for its gate. One blocked by the global
+    /// count also listens to the messages of earlier versions, which name
+    /// no waiter.
     pub(crate) async fn wait(&mut self, global_full: bool, timeout: Duration) {
         let sleep = tokio::time::sleep(timeout);
-        match (&mut self.key_receiver, global_full) {
-            (Some(key), false) => {
-                tokio::select! {
-                    _ = key.changed() => {}
-                    _ = sleep => {}
-                }
+        let Some(gate) = &mut self.gate_receiver else {
+            return;
+        };
+        if global_full {
+            tokio::select! {
+                _ = gate.changed() => {}
+                _ = self.any.changed() => {}
+                _ = sleep => {}
             }
-            _ => {
-                tokio::select! {
-                    _ = self.any.changed() => {}
-                    _ = sleep => {}
-                }
+        } else {
+            tokio::select! {
+                _ = gate.changed() => {}
+                _ = sleep => {}
             }
         }
     }
@@ -93,13 +114,13 @@ impl WakeWatch {
 
 impl Drop for WakeWatch {
     fn drop(&mut self) {
-        let Some(key) = self.key.take() else {
-            return;
-        };
-        let mut keys = self.wakes.keys.lock().expect("wake map lock");
-        self.key_receiver = None;
-        if keys.get(&key).is_some_and(|s| s.receiver_count() == 0) {
-            keys.remove(&key);
+        let mut gates = self.wakes.gates.lock().expect("wake map lock");
+        self.gate_receiver = None;
+        if gates
+            .get(&self.gate)
+            .is_some_and(|s| s.receiver_count() == 0)
+        {
+            gates.remove(&self.gate);
         }
     }
 }
@@ -133,27 +154,56 @@ pub(crate) async fn run_subscriber(client: redis::Client, channel: String, wakes
 /// others queue here in arrival order.
 #[derive(Debug, Default)]
 pub(crate) struct Gates {
-    map: Mutex<HashMap<Option<String>, Arc<Semaphore>>>,
+    map: Mutex<HashMap<Option<String>, Arc<GateState>>>,
+}
+
+#[derive(Debug)]
+struct GateState {
+    turn: Semaphore,
+    /// The wait left by a grant that queued the gate in Redis as the next
+    /// waiter of a full count: the next task at the gate waits for its name
+    /// before its first try.
+    queued: Mutex<Option<QueuedWait>>,
+}
+
+/// A wait for a named wake-up, handed from one task at a gate to the next.
+#[derive(Debug)]
+pub(crate) struct QueuedWait {
+    pub(crate) wake: WakeWatch,
+    pub(crate) global_full: bool,
 }
 
 impl Gates {
     pub(crate) async fn enter(self: &Arc<Self>, key: Option<&str>) -> Gate {
+        let state = {
+            let mut map = self.map.lock().expect("gate map lock");
+            map.entry(key.map(str::to_owned))
+                .or_insert_with(|| {
+                    Arc::new(GateState {
+                        turn: Semaphore::new(1),
+                        queued: Mutex::new(None),
+                    })
+                })
+                .clone()
+        };
         let mut gate = Gate {
             gates: self.clone(),
             key: key.map(str::to_owned),
+            state,
             permit: None,
         };
-        let semaphore = {
-            let mut map = self.map.lock().expect("gate map lock");
-            map.entry(gate.key.clone())
-                .or_insert_with(|| Arc::new(Semaphore::new(1)))
-                .clone()
-        };
         // The semaphore is never closed.
-        gate.permit = semaphore.acquire_owned().await.ok();
+        gate.permit = gate.state.turn.acquire().await.ok().map(|permit| {
+            permit.forget();
+            TurnPermit
+        });
         gate
     }
 }
+
+/// Marks that the gate's single turn is taken; [`Gate`] gives it back.
+#[derive(Debug)]
+struct TurnPermit;
 
 /// The turn of one waiter at its key's gate; the next waiter goes when it
 /// is dropped.
@@ -161,18 +211,36 @@ impl Gates {
 pub(crate) struct Gate {
     gates: Arc<Gates>,
     key: Option<String>,
-    permit: Option<OwnedSemaphorePermit>,
+    state: Arc<GateState>,
+    permit: Option<TurnPermit>,
+}
+
+impl Gate {
+    /// Returns whether other tasks wait at this gate, because only they,
+    /// the map and this turn own its state.
+    pub(crate) fn has_followers(&self) -> bool {
+        Arc::strong_count(&self.state) > 2
+    }
+
+    /// Leaves `wait` for the next task at this gate.
+    pub(crate) fn hand_over(&self, wait: QueuedWait) {
+        *self.state.queued.lock().expect("gate wait lock") = Some(wait);
+    }
+
+    /// Takes the wait left by the previous task, if any.
+    pub(crate) fn take_queued(&self) -> Option<QueuedWait> {
+        self.state.queued.lock().expect("gate wait lock").take()
+    }
 }
 
 impl Drop for Gate {
     fn drop(&mut self) {
         let mut map = self.gates.map.lock().expect("gate map lock");
-        self.permit = None;
-        // Only the map holds it: nobody waits at this gate.
-        if map
-            .get(&self.key)
-            .is_some_and(|s| Arc::strong_count(s) == 1)
-        {
+        if self.permit.take().is_some() {
+            self.state.turn.add_permits(1);
+        }
+        // Only the map and this turn hold it: nobody waits at this gate.
+        if Arc::strong_count(&self.state) == 2 {
             map.remove(&self.key);
         }
     }

@@ -380,6 +380,74 @@ async fn grace_left_reports_new_namespace_wait() {
     assert_eq!(limiter.grace_left().await.unwrap(), None);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_limiters_share_fairly() {
+    let Some(server) = RedisServer::start(Persistence::None) else {
+        return;
+    };
+    prepare(&server, Duration::from_secs(5), 3);
+    const GRANTS_PER_TASK: usize = 4;
+    const TASKS: usize = 3;
+    let active = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let mut limiters = Vec::new();
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let limiter = RedisLimiter::connect(&server.url(), NS, options())
+            .await
+            .unwrap();
+        for _ in 0..TASKS {
+            let limiter = limiter.clone();
+            let active = active.clone();
+            let peak = peak.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut longest = Duration::ZERO;
+                for _ in 0..GRANTS_PER_TASK {
+                    let asked = Instant::now();
+                    let permit = limiter.acquire_global().await.unwrap();
+                    longest = longest.max(asked.elapsed());
+                    let now = active.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    active.fetch_sub(1, Ordering::SeqCst);
+                    permit.release().await.unwrap();
+                }
+                longest
+            }));
+        }
+        limiters.push(limiter);
+    }
+    for task in tasks {
+        let longest = tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .expect("tasks finish within 60 s")
+            .unwrap();
+        // Every task waits behind at most 11 others of 10 ms each, plus a
+        // poll of 200 ms for a lost wake-up; 5 s leaves room for a slow
+        // machine while a starved task would wait far longer.
+        assert!(
+            longest < Duration::from_secs(5),
+            "one wait took {longest:?}"
+        );
+    }
+    let peak = peak.load(Ordering::SeqCst);
+    assert!(peak <= 3, "{peak} holders at once under a limit of 3");
+    for (index, limiter) in limiters.iter().enumerate() {
+        let grants = limiter.stats().grants;
+        assert_eq!(grants, (TASKS * GRANTS_PER_TASK) as u64, "limiter {index}");
+    }
+    wait_empty(&server, None, Duration::from_secs(3)).await;
+}
+
+/// Waits up to 5 s until `limiter` has sent `calls` acquire calls.
+async fn wait_calls(limiter: &RedisLimiter, calls: u64) {
+    let start = Instant::now();
+    while limiter.stats().acquire_calls < calls {
+        assert!(start.elapsed() < Duration::from_secs(5), "no acquire call");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Waits up to `limit` until the limiter has sent `calls` renew calls.
 async fn wait_renewals(limiter: &RedisLimiter, calls: u64, limit: Duration) {
     let start = Instant::now();
@@ -405,6 +473,54 @@ async fn wait_grace(limiter: &RedisLimiter, limit: Duration) -> Option<Duration>
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wake_for_other_limiter_ignored() {
+    let Some(server) = RedisServer::start(Persistence::None) else {
+        return;
+    };
+    prepare(&server, Duration::from_secs(30), 1);
+    let slow = Options {
+        poll_max: Duration::from_secs(30),
+        ..options()
+    };
+    let holder = RedisLimiter::connect(&server.url(), NS, options())
+        .await
+        .unwrap();
+    let first = RedisLimiter::connect(&server.url(), NS, slow.clone())
+        .await
+        .unwrap();
+    let second = RedisLimiter::connect(&server.url(), NS, slow)
+        .await
+        .unwrap();
+    let held = holder.acquire_global().await.unwrap();
+    let first_wait = tokio::spawn({
+        let first = first.clone();
+        async move { first.acquire_global().await.unwrap() }
+    });
+    wait_calls(&first, 1).await;
+    let second_wait = tokio::spawn({
+        let second = second.clone();
+        async move { second.acquire_global().await.unwrap() }
+    });
+    wait_calls(&second, 1).await;
+
+    held.release().await.unwrap();
+    let first_permit = tokio::time::timeout(Duration::from_secs(5), first_wait)
+        .await
+        .expect("the first waiter is woken by name")
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(second.stats().acquire_calls, 1, "the second waiter retried");
+
+    first_permit.release().await.unwrap();
+    let second_permit = tokio::time::timeout(Duration::from_secs(5), second_wait)
+        .await
+        .expect("the second waiter is woken by name")
+        .unwrap();
+    assert_eq!(second.stats().acquire_calls, 2);
+    second_permit.release().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use deferred_semaphore_redis::scripts::{AcquireReply, LeaseRef, Namespace, RenewReply, Scripts};
+use futures_util::StreamExt;
 use redis::aio::ConnectionManager;
 use test_redis::{Persistence, RedisServer};
 
@@ -297,6 +298,98 @@ async fn lost_state_grace_then_larger_fence() {
         .await
         .unwrap();
     assert!(!again);
+}
+
+/// Tries an acquire as the limiter with `token`, queued for `waiter_ttl`
+/// when busy.
+async fn acquire_as(f: &mut Fixture, id: &str, token: &str, waiter_ttl: Duration) -> AcquireReply {
+    f.scripts
+        .acquire_waiting(
+            &mut f.con, &f.ns, id, "test", None, token, f.lease, waiter_ttl, false,
+        )
+        .await
+        .unwrap()
+        .reply
+}
+
+/// Subscribes a plain connection to the wake channel.
+async fn subscribe(f: &Fixture) -> redis::aio::PubSub {
+    let client = redis::Client::open(f.server.url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub.subscribe(f.ns.wake_channel()).await.unwrap();
+    pubsub
+}
+
+/// Returns the next wake message, or `None` after 300 ms without one.
+async fn next_wake(pubsub: &mut redis::aio::PubSub) -> Option<String> {
+    let mut messages = pubsub.on_message();
+    let message = tokio::time::timeout(Duration::from_millis(300), messages.next())
+        .await
+        .ok()??;
+    Some(message.get_payload().unwrap())
+}
+
+fn is_busy(reply: &AcquireReply) -> bool {
+    matches!(reply, AcquireReply::Busy { .. })
+}
+
+#[tokio::test]
+async fn release_names_oldest_waiter() {
+    let Some(mut f) = fixture(Duration::from_secs(5), 1).await else {
+        return;
+    };
+    let ttl = Duration::from_secs(5);
+    fence(&acquire_as(&mut f, "h", "holder", ttl).await);
+    assert!(is_busy(&acquire_as(&mut f, "a1", "first", ttl).await));
+    assert!(is_busy(&acquire_as(&mut f, "b1", "second", ttl).await));
+    // A second busy reply keeps the first waiter's place.
+    assert!(is_busy(&acquire_as(&mut f, "a2", "first", ttl).await));
+    let mut pubsub = subscribe(&f).await;
+    assert_eq!(f.release("h", None).await, 1);
+    assert_eq!(next_wake(&mut pubsub).await.as_deref(), Some("@first:"));
+    assert_eq!(next_wake(&mut pubsub).await, None);
+    // The named waiter's grant leaves the queue.
+    fence(&acquire_as(&mut f, "a3", "first", ttl).await);
+    let queue = f.ns.waiter_keys(None).queue;
+    let members = f.server.command(&["ZRANGE", &queue, "0", "-1"]);
+    assert!(!members.contains("first"), "queue after grant: {members}");
+    assert!(members.contains("second"), "queue after grant: {members}");
+}
+
+#[tokio::test]
+async fn named_waiter_not_named_twice() {
+    let Some(mut f) = fixture(Duration::from_secs(5), 2).await else {
+        return;
+    };
+    let ttl = Duration::from_secs(5);
+    fence(&acquire_as(&mut f, "h1", "holder", ttl).await);
+    fence(&acquire_as(&mut f, "h2", "holder", ttl).await);
+    assert!(is_busy(&acquire_as(&mut f, "a1", "first", ttl).await));
+    assert!(is_busy(&acquire_as(&mut f, "b1", "second", ttl).await));
+    let mut pubsub = subscribe(&f).await;
+    f.release("h1", None).await;
+    assert_eq!(next_wake(&mut pubsub).await.as_deref(), Some("@first:"));
+    f.release("h2", None).await;
+    assert_eq!(next_wake(&mut pubsub).await.as_deref(), Some("@second:"));
+}
+
+#[tokio::test]
+async fn expired_waiter_skipped() {
+    let Some(mut f) = fixture(Duration::from_secs(5), 1).await else {
+        return;
+    };
+    let ttl = Duration::from_secs(5);
+    fence(&acquire_as(&mut f, "h", "holder", ttl).await);
+    let short = Duration::from_millis(1);
+    assert!(is_busy(&acquire_as(&mut f, "a1", "gone", short).await));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(is_busy(&acquire_as(&mut f, "b1", "live", ttl).await));
+    let mut pubsub = subscribe(&f).await;
+    f.release("h", None).await;
+    assert_eq!(next_wake(&mut pubsub).await.as_deref(), Some("@live:"));
+    let keys = f.ns.waiter_keys(None);
+    let score = f.server.command(&["ZSCORE", &keys.queue, "gone:"]);
+    assert_eq!(score.trim(), "$-1", "expired waiter still queued");
 }
 
 fn expiry(reply: &AcquireReply) -> u64 {
