@@ -558,7 +558,7 @@ where
                         let what = if *stopped {
                             "stopped its command"
                         } else {
-                            "its command had ended but is not recorded done"
+                            "did not record its ended command done"
                         };
                         let text = format!(
                             "item {index}: lease lost on {url}; {what} and gave the item back"
