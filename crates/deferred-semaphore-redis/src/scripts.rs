@@ -164,11 +164,17 @@ end
 
 -- Reads epoch, grace end and last fence. A missing meta hash means the
 -- state was lost or never existed: recreate it and grant nothing for one
--- lease, so that every holder from before the loss has stopped.
-local function load_meta(meta_key, now, now_us, lease, token)
+-- lease, so that every holder from before the loss has stopped. With
+-- `may_create` false (no limits stored, so nothing can be granted yet) it
+-- is left missing, so that the grace starts with the lease the limits
+-- will set, not with a fallback.
+local function load_meta(meta_key, now, now_us, lease, token, may_create)
   local m = redis.call('HMGET', meta_key, 'epoch', 'grace_until', 'fence')
   if m[1] then
     return m[1], tonumber(m[2]) or 0, tonumber(m[3]) or 0, false
+  end
+  if not may_create then
+    return '', 0, 0, true
   end
   local epoch = int(now_us) .. '-' .. token
   local grace_until = now + lease
@@ -279,11 +285,11 @@ end
 const ACQUIRE: &str = r#"
 local now, now_us = server_now()
 local lease = lease_of(KEYS[2], tonumber(ARGV[5]))
-local epoch, grace_until, fence = load_meta(KEYS[1], now, now_us, lease, ARGV[4])
 local global = tonumber(redis.call('HGET', KEYS[2], 'global'))
 if not global then
-  return {3, 0, epoch, lease, -1, 0}
+  return {3, 0, redis.call('HGET', KEYS[1], 'epoch') or '', lease, -1, 0}
 end
+local epoch, grace_until, fence = load_meta(KEYS[1], now, now_us, lease, ARGV[4], true)
 if now < grace_until then
   return {2, grace_until - now, epoch, lease, global, 0}
 end
@@ -377,7 +383,9 @@ return {0, new_fence, epoch, lease, global, expiry, queued}
 const RENEW: &str = r#"
 local now, now_us = server_now()
 local lease = lease_of(KEYS[2], tonumber(ARGV[2]))
-local epoch, grace_until, _, created = load_meta(KEYS[1], now, now_us, lease, ARGV[1])
+local limits_exist = redis.call('EXISTS', KEYS[2]) == 1
+local epoch, grace_until, _, created =
+  load_meta(KEYS[1], now, now_us, lease, ARGV[1], limits_exist)
 local count = (#ARGV - 2) / 2
 local data_lost = false
 if not created then
@@ -473,7 +481,7 @@ else
   redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 end
 local lease = lease_of(KEYS[2], tonumber(ARGV[5]))
-load_meta(KEYS[1], now, now_us, lease, ARGV[4])
+load_meta(KEYS[1], now, now_us, lease, ARGV[4], true)
 if KEYS[3] and ARGV[2] ~= '' then
   local limit = tonumber(ARGV[2])
   wake_for_room(KEYS[3], {KEYS[4], KEYS[5], KEYS[6]}, limit, limit, now, ARGV[3])

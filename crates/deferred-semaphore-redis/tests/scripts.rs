@@ -501,3 +501,48 @@ async fn other_server_run_id_starts_grace() {
         AcquireReply::Grace { .. }
     ));
 }
+
+/// A namespace without limits grants nothing, so neither an acquire nor a
+/// heartbeat may start its grace: the grace must start with the lease the
+/// first limits set, not with a client's fallback.
+#[tokio::test]
+async fn no_limits_start_no_grace() {
+    let Some(mut f) = fixture(Duration::from_secs(1), 1).await else {
+        return;
+    };
+    f.server.command(&["FLUSHALL"]);
+    assert_eq!(f.acquire("a", None).await, AcquireReply::NoLimit);
+    assert!(f.renew(&[("a", None)]).await.iter().all(|renewed| !renewed));
+    let meta = f.server.command(&["EXISTS", &f.ns.meta_key()]);
+    assert_eq!(meta.trim(), ":0", "meta created without limits");
+
+    f.scripts
+        .set_limit(
+            &mut f.con,
+            &f.ns,
+            "lease_ms",
+            Some(600),
+            "tok",
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    f.scripts
+        .set_limit(
+            &mut f.con,
+            &f.ns,
+            "global",
+            Some(1),
+            "tok",
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    let AcquireReply::Grace { wait, .. } = f.acquire("b", None).await else {
+        panic!("a new namespace starts with a grace");
+    };
+    assert!(
+        wait <= Duration::from_millis(600),
+        "grace {wait:?}, lease 600 ms"
+    );
+}
