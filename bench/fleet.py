@@ -33,11 +33,16 @@ HOLDS_US = [0, 1000]
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--processes", type=int, default=4)
-    parser.add_argument("--tasks", type=int, default=64)
-    parser.add_argument("--units", type=int, default=20000)
-    parser.add_argument("--limit", type=int, default=32)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--processes", type=int, default=4,
+                        help="worker processes sharing the limit (default 4)")
+    parser.add_argument("--tasks", type=int, default=64,
+                        help="tasks in each worker process (default 64)")
+    parser.add_argument("--units", type=int, default=20000,
+                        help="permits taken in all per hold time (default 20000)")
+    parser.add_argument("--limit", type=int, default=32,
+                        help="the global limit (default 32)")
+    parser.add_argument("--runs", type=int, default=3,
+                        help="runs of each case; the table shows the median (default 3)")
     return parser.parse_args()
 
 

@@ -260,8 +260,8 @@ pub struct LimiterArgs {
     pub limiter: Option<String>,
 
     /// Sets how long a grant may wait while Redis cannot be reached, as in
-    /// 10s or 2m. Then the run starts nothing new, lets running items
-    /// finish, and exits with status 2.
+    /// 10s or 2m. Then the run starts nothing new and exits with status 2;
+    /// running items finish, or are stopped when their leases lapse.
     #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_positive_duration,
           requires = "limiter")]
     pub limiter_timeout: Duration,
@@ -271,7 +271,8 @@ pub struct LimiterArgs {
 #[derive(Debug, Args)]
 #[command(after_help = LIMITS_AFTER_HELP)]
 pub struct LimitsArgs {
-    /// Sets the limiter: redis://[USER@]HOST:PORT/NAME, as for --limiter.
+    /// The shared limits to show or change: redis://[USER@]HOST:PORT/NAME,
+    /// the URL the workers pass to --limiter.
     #[arg(value_name = "URL")]
     pub url: String,
 
