@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-/// Why a permit could not be granted or a limit could not be read or set.
+/// An error of a limiter call: a permit could not be granted, or a limit
+/// could not be read or set.
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Error {

@@ -11,21 +11,22 @@ use crate::limiter::Inner;
 use crate::scripts::LeaseRef;
 use crate::stats::Counters;
 
-/// The safety margin taken off a lease for the local deadline:
+/// Returns the safety margin taken off a lease for the local deadline:
 /// `max(10 % of the lease, 100 ms)`, at most half the lease. It covers a
 /// client clock that runs slower than the server's and scheduling delays.
 pub(crate) fn margin(lease: Duration) -> Duration {
     (lease / 10).max(Duration::from_millis(100)).min(lease / 2)
 }
 
-/// The local deadline of a lease renewed or granted by a request sent at
-/// `sent`.
+/// Returns the local deadline of a lease renewed or granted by a request
+/// sent at `sent`.
 pub(crate) fn deadline_after(sent: Instant, lease: Duration) -> Instant {
     sent + lease - margin(lease)
 }
 
-/// How long one renew call may take before it counts as not renewed: well
-/// under the heartbeat period of a third of the lease.
+/// Returns how long one renew call may take before it counts as not
+/// renewed: a fifth of the lease (at least 50 ms), under the heartbeat
+/// period of a third of the lease.
 pub(crate) fn renew_timeout(lease: Duration) -> Duration {
     (lease / 5).max(Duration::from_millis(50))
 }
@@ -81,10 +82,10 @@ impl LeaseState {
         self.timing().deadline
     }
 
-    /// Takes the timing of a successful renewal. The deadline follows the
-    /// renewal, earlier as well as later: after the lease shrank, Redis
-    /// expires the lease at the renewal's time plus the new lease. A lease
-    /// already lost stays lost.
+    /// Stores the timing of a successful renewal. The deadline follows the
+    /// renewal, earlier as well as later, because after the lease shrank
+    /// Redis expires the lease at the renewal's time plus the new lease. A
+    /// lease already lost stays lost.
     fn renewed(&self, timing: Timing) {
         let mut current = self.timing.lock().expect("lease timing lock");
         if *self.lost.borrow() {
@@ -121,7 +122,7 @@ impl LeaseState {
     }
 
     /// Resolves when the lease is marked lost or its deadline passes,
-    /// whichever comes first; needs no heartbeat to fire.
+    /// whichever comes first. It fires without the heartbeat.
     pub(crate) async fn lost(self: Arc<Self>) {
         let mut receiver = self.lost.subscribe();
         loop {

@@ -108,15 +108,15 @@ fn default_holder() -> String {
 /// The limits of a namespace as stored in Redis.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
-    /// The limit over all keys; `None` until one is set.
+    /// The limit over all keys, or `None` until one is set.
     pub global: Option<u64>,
-    /// The limit of a key that has none of its own; `None` means such keys
-    /// are held only by the global limit.
+    /// The limit of a key that has none of its own. `None` means such keys
+    /// are limited only by the global limit.
     pub per_key_default: Option<u64>,
     /// Limits of single keys, sorted by key.
     pub per_key: Vec<(String, u64)>,
-    /// How long a lease lives without renewal, on the Redis server's clock;
-    /// every client of the namespace uses this one value. Default 30 s.
+    /// How long a lease lives without renewal, on the Redis server's clock.
+    /// Every client of the namespace uses this one value. Default 30 s.
     pub lease: Duration,
 }
 
@@ -125,9 +125,9 @@ pub struct Limits {
 pub enum LimitChange {
     /// The limit over all keys. Zero grants nothing until it is raised.
     Global(u64),
-    /// The limit of every key without one of its own; `None` removes it.
+    /// The limit of every key without one of its own. `None` removes it.
     PerKeyDefault(Option<u64>),
-    /// The limit of one key; `None` removes it, so the default applies.
+    /// The limit of one key. `None` removes it, so the default applies.
     Key(String, Option<u64>),
     /// The lease of every client of the namespace, at least 200 ms. It
     /// applies from each lease's next grant or renewal.
@@ -147,7 +147,7 @@ pub struct Holder {
     pub fence: u64,
     /// Time since the grant, on the Redis server's clock.
     pub age: Duration,
-    /// Time left before the lease expires; only unexpired leases are
+    /// Time left before the lease expires. Only unexpired leases are
     /// listed.
     pub expires_in: Duration,
 }

@@ -36,13 +36,15 @@ pub(crate) struct Inner {
     pub(crate) con: ConnectionManager,
     pub(crate) scripts: Scripts,
     pub(crate) options: Options,
-    /// Random per limiter; part of the epoch if this limiter recreates the
-    /// namespace state.
+    /// Random id of this limiter. It names the limiter in the waiter queues
+    /// and goes into the epoch when this limiter recreates the namespace
+    /// state.
     pub(crate) token: String,
     lease_ms: AtomicU64,
-    /// Wakes the heartbeat when a reply reports a shorter lease.
+    /// Signal that wakes the heartbeat when a reply reports a shorter lease.
     lease_shrunk: Arc<Notify>,
-    /// Lets one renewal at a time run, from the heartbeat or an acquire.
+    /// Lock that lets one renewal run at a time, from the heartbeat or an
+    /// acquire.
     pub(crate) renewing: tokio::sync::Mutex<()>,
     global_limit: AtomicU64,
     cache: Mutex<Option<Limits>>,
@@ -116,14 +118,14 @@ impl Inner {
             .fold(self.lease(), Duration::min)
     }
 
-    /// The lease a script uses for a grace when the limits hash is gone:
-    /// the last one this limiter saw.
+    /// Returns the last lease this limiter saw, which a script uses when the
+    /// limits hash stores no lease.
     pub(crate) fn fallback_lease(&self) -> Duration {
         self.lease()
     }
 
-    /// The reply timeout of an acquire, release or admin call: half a
-    /// lease, within 200 ms and 5 s.
+    /// Returns the reply timeout of an acquire, release or admin call, which
+    /// is half a lease clamped to between 200 ms and 5 s.
     pub(crate) fn call_timeout(&self) -> Duration {
         (self.lease() / 2).clamp(Duration::from_millis(200), Duration::from_secs(5))
     }
@@ -138,7 +140,8 @@ impl Inner {
         self.leases.lock().expect("lease map lock").remove(lease_id);
     }
 
-    /// Whether the lease is still held here: not yet released or dropped.
+    /// Returns whether this limiter still holds the lease, that is, has not
+    /// released or dropped its permit.
     pub(crate) fn holds_lease(&self, lease_id: &str) -> bool {
         self.leases
             .lock()
@@ -157,8 +160,8 @@ impl Inner {
         *self.cache.lock().expect("limit cache lock") = Some(limits.clone());
     }
 
-    /// Runs `op` again while Redis cannot be reached, for up to
-    /// `unavailable_after`.
+    /// Runs `op`, and runs it again while Redis cannot be reached, for up to
+    /// `unavailable_after`. Each run gets one call timeout.
     async fn retry_unreachable<T, F, Fut>(&self, mut op: F) -> Result<T, Error>
     where
         F: FnMut() -> Fut,
@@ -322,7 +325,8 @@ enum Attempt {
     NoLimit,
 }
 
-/// Sends one acquire call and waits for its reply at most a call timeout.
+/// Sends one acquire call and waits for its reply for at most one call
+/// timeout.
 async fn try_once(
     inner: &Arc<Inner>,
     key: Option<String>,
@@ -334,8 +338,8 @@ async fn try_once(
     // released by this task, and an exit must wait for it too.
     inner.releases.start();
     tokio::spawn(async move {
-        // When nobody waits any more, the permit in the reply is dropped
-        // here and releases its lease.
+        // When the caller no longer waits, the permit in the reply is
+        // dropped here and releases its lease.
         let reply = task_inner.clone().call_acquire(key, queue_next).await;
         let _ = sender.send(reply);
         task_inner.releases.finish();
@@ -355,8 +359,8 @@ async fn try_once(
 /// the script's retry hint or `poll_max`.
 ///
 /// The first try goes at once, unless the previous task at the gate left
-/// this process queued in Redis for a full count: then it first waits for
-/// its name on the wake channel, or `poll_max` at most.
+/// this process queued in Redis for a full count. In that case it first
+/// waits for its name on the wake channel, or `poll_max` at most.
 async fn acquire(inner: Arc<Inner>, key: Option<String>) -> Result<RedisPermit, Error> {
     if let Some(key) = &key {
         validate_key(key)?;
@@ -584,7 +588,7 @@ impl RedisLimiter {
         acquire(self.inner.clone(), Some(key.to_owned())).await
     }
 
-    /// The global limit as last read from Redis.
+    /// Returns the global limit as last read from Redis.
     pub fn global_limit(&self) -> Option<u64> {
         match self.inner.global_limit.load(Ordering::Relaxed) {
             NO_LIMIT => None,
@@ -604,12 +608,14 @@ impl RedisLimiter {
         Ok(limits)
     }
 
-    /// Stores a limit; waiters are woken when it grows. Shrinking never
-    /// takes back leases already granted: new grants wait until the count
-    /// is below the new limit.
+    /// Stores a limit. A new global or key limit wakes as many waiters of
+    /// that count as it has free places, and any other change wakes every
+    /// waiter. Shrinking never takes back leases already granted, so new
+    /// grants wait until the count is below the new limit.
     ///
-    /// Fails with [`Error::Config`] for a limit above [`MAX_LIMIT`]: the
-    /// scripts compute in Lua numbers (doubles).
+    /// Fails with [`Error::Config`] for a limit above [`MAX_LIMIT`], because
+    /// the scripts compute in Lua numbers (doubles), and for a lease below
+    /// 200 ms or an empty key.
     ///
     /// If the namespace state is missing in Redis (new, or lost), this
     /// creates it and starts a grace of one lease in which nothing is
@@ -672,13 +678,13 @@ impl RedisLimiter {
         inner.retry_unreachable(|| read_holders(inner)).await
     }
 
-    /// The counts of script calls and outcomes since this limiter
+    /// Returns the counts of script calls and outcomes since this limiter
     /// connected, shared by its clones.
     pub fn stats(&self) -> Stats {
         self.inner.counters.snapshot()
     }
 
-    /// The namespace this limiter uses.
+    /// Returns the namespace this limiter uses.
     pub fn namespace(&self) -> &str {
         self.inner.namespace.name()
     }
@@ -690,8 +696,9 @@ impl RedisLimiter {
     /// A dropped permit is released by a background task. Call this
     /// before the process exits, so that a release still on its way is not
     /// cut off with the runtime and its lease does not stay held until it
-    /// expires. Each release gives up after its own call timeout, so this
-    /// never waits much longer than that.
+    /// expires. Each release gives up after its own call timeout, and each
+    /// acquire call after the connection's response timeout of 10 s, so
+    /// those timeouts bound this wait.
     pub async fn wait_for_releases(&self) {
         self.inner.releases.wait().await;
     }
@@ -774,7 +781,7 @@ fn parse_limits(fields: &HashMap<String, String>) -> Result<Limits, CallError> {
     let number = |name: &str, value: &String| {
         value.parse::<u64>().map_err(|_| {
             CallError::Failed(format!(
-                "the limits hash holds {name} = {value:?}, which is not a whole number; \
+                "the limits hash contains {name} = {value:?}, which is not a whole number; \
                  set it again with RedisLimiter::set_limit"
             ))
         })
@@ -850,16 +857,19 @@ fn random_u64() -> u64 {
     hasher.finish()
 }
 
-/// A lease id: 128 random bits in hex.
+/// Returns a new lease id of 32 hex digits from two `random_u64` values.
 fn new_id() -> String {
     format!("{:016x}{:016x}", random_u64(), random_u64())
 }
 
 /// Scales `duration` by a random factor between 0.8 and 1.2, so that
-/// waiters of many processes do not retry in step.
+/// waiters of many processes do not retry in step. A duration too long to
+/// scale, such as a huge `poll_max`, is returned unchanged.
 fn jitter(duration: Duration) -> Duration {
-    let permille = 800 + random_u64() % 401;
-    duration * u32::try_from(permille).unwrap_or(1000) / 1000
+    let permille = u32::try_from(800 + random_u64() % 401).unwrap_or(1000);
+    duration
+        .checked_mul(permille)
+        .map_or(duration, |scaled| scaled / 1000)
 }
 
 impl deferred_semaphore::Limiter for RedisLimiter {
@@ -888,5 +898,25 @@ impl<K: AsRef<str>> deferred_semaphore::KeyedLimiter<K> for RedisLimiter {
 
     fn limit(&self) -> usize {
         deferred_semaphore::Limiter::limit(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_bounds() {
+        let base = Duration::from_secs(1);
+        for _ in 0..100 {
+            let scaled = jitter(base);
+            assert!(scaled >= Duration::from_millis(800), "{scaled:?}");
+            assert!(scaled <= Duration::from_millis(1200), "{scaled:?}");
+        }
+    }
+
+    #[test]
+    fn jitter_keeps_huge_duration() {
+        assert_eq!(jitter(Duration::MAX), Duration::MAX);
     }
 }

@@ -29,15 +29,15 @@ impl std::fmt::Debug for RedisPermit {
 }
 
 impl RedisPermit {
-    /// The fencing token of this grant: larger than every token granted
-    /// before it in the namespace, also across a loss of the Redis data
-    /// unless the server clock moved back by more than one lease.
+    /// Returns the fencing token of this grant. It is larger than every
+    /// token granted before it in the namespace, also across a loss of the
+    /// Redis data unless the server clock moved back by more than one lease.
     pub fn fence(&self) -> u64 {
         self.state.fence
     }
 
-    /// The local moment after which this holder must treat the lease as
-    /// lost, unless a renewal moves it.
+    /// Returns the local instant after which this holder must treat the
+    /// lease as lost, unless a renewal moves it.
     ///
     /// It is the monotonic instant at which the last successful acquire or
     /// renew request was sent, plus the lease that reply reported, minus a
@@ -47,24 +47,26 @@ impl RedisPermit {
         self.state.deadline()
     }
 
-    /// Whether the lease is known lost or past its deadline.
+    /// Returns whether the lease is known lost or past its deadline.
     pub fn is_lost(&self) -> bool {
         self.state.is_lost()
     }
 
-    /// Resolves when the lease is lost: a renewal found it gone, the
-    /// namespace's state was reset, or the deadline passed. It fires at the
+    /// Returns a future that resolves when the lease is lost because a
+    /// renewal found it gone, the namespace's state was reset, or the
+    /// deadline passed. It fires at the
     /// deadline by a local timer, also while Redis cannot be reached.
     pub fn lost(&self) -> futures_util::future::BoxFuture<'static, ()> {
         Box::pin(self.state.clone().lost())
     }
 
-    /// The lease id, the member of the namespace's sorted sets.
+    /// Returns the lease id, the member of the namespace's sorted sets.
     pub fn lease_id(&self) -> &str {
         &self.state.lease_id
     }
 
-    /// The limited key, `None` for a permit of the global limit only.
+    /// Returns the limited key, or `None` for a permit of the global limit
+    /// only.
     pub fn key(&self) -> Option<&str> {
         self.state.key.as_deref()
     }

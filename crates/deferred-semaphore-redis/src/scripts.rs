@@ -34,8 +34,8 @@ pub struct Namespace {
 }
 
 impl Namespace {
-    /// Checks `name`: it must be non-empty and contain no `{`, `}` or
-    /// whitespace, because it becomes the hash tag `{NAME}` of every key.
+    /// Validates `name`, which must be non-empty and free of `{`, `}` and
+    /// whitespace because it becomes the hash tag `{NAME}` of every key.
     pub fn new(name: &str) -> Result<Self, Error> {
         if name.is_empty() {
             return Err(Error::Config(
@@ -56,7 +56,7 @@ impl Namespace {
         })
     }
 
-    /// The namespace as given.
+    /// Returns the namespace name as given.
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -89,8 +89,8 @@ impl Namespace {
         format!("dsr:{{{}}}:l:{lease_id}", self.name)
     }
 
-    /// Returns the waiter keys of the global count (`key` `None`) or of a
-    /// key's count: see [`WaiterKeys`].
+    /// Returns the [`WaiterKeys`] of the global count (`key` `None`) or of
+    /// a key's count.
     pub fn waiter_keys(&self, key: Option<&str>) -> WaiterKeys {
         let name = |kind: &str| match key {
             Some(key) => format!("dsr:{{{}}}:{kind}:{key}", self.name),
@@ -518,7 +518,7 @@ pub enum AcquireReply {
         /// The stored global limit.
         global_limit: u64,
     },
-    /// A requested set is full; nothing was taken.
+    /// A requested set is full, so nothing was taken.
     Busy {
         /// The time until the earliest lease of a full set expires, at
         /// least 1 ms and capped.
@@ -530,8 +530,8 @@ pub enum AcquireReply {
         /// The stored global limit.
         global_limit: u64,
     },
-    /// The namespace's state was lost or is new: nothing is granted until
-    /// one lease has passed.
+    /// The namespace's state was lost or is new, so nothing is granted
+    /// until one lease has passed.
     Grace {
         /// The time left in the grace.
         wait: Duration,
@@ -564,7 +564,7 @@ pub enum QueuedCount {
 /// The reply of [`Scripts::renew`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RenewReply {
-    /// The namespace epoch; a change means every older lease is lost.
+    /// The namespace epoch. A change means every older lease is lost.
     pub epoch: String,
     /// The namespace's lease.
     pub lease: Duration,
@@ -575,7 +575,7 @@ pub struct RenewReply {
     pub renewed: Vec<bool>,
 }
 
-/// One lease of a [`Scripts::renew`] call.
+/// A lease as named in a [`Scripts::renew`] or [`Scripts::release`] call.
 #[derive(Debug, Clone, Copy)]
 pub struct LeaseRef<'a> {
     /// The lease id.
@@ -584,9 +584,9 @@ pub struct LeaseRef<'a> {
     pub key: Option<&'a str>,
 }
 
-/// The loaded scripts of the limiter. `redis::Script` sends `EVALSHA` and
-/// loads a script again when the server replies `NOSCRIPT`, as after a
-/// restart.
+/// The limiter's Lua scripts with their SHA1 hashes. `redis::Script` sends
+/// `EVALSHA` and loads a script again when the server replies `NOSCRIPT`,
+/// as after a restart.
 #[derive(Debug)]
 pub struct Scripts {
     acquire: Script,
@@ -603,7 +603,8 @@ impl Default for Scripts {
 }
 
 impl Scripts {
-    /// Prepares every script (computes their hashes; nothing is sent).
+    /// Prepares every script by computing its hash. Nothing is sent to
+    /// Redis.
     pub fn new() -> Self {
         let with_prologue = |body: &str| Script::new(&format!("{PROLOGUE}\n{body}"));
         Self {
@@ -619,10 +620,11 @@ impl Scripts {
     /// the key's set, all or nothing.
     ///
     /// `token` goes into a new epoch if the namespace state must be
-    /// recreated, and names the caller in the waiter queues. `fallback_lease`
-    /// is the length of that grace when the limits hash is gone too (zero
-    /// means 30 s). A busy reply queues the caller as a waiter for
-    /// [`DEFAULT_WAITER_TTL`]; see [`acquire_waiting`](Self::acquire_waiting).
+    /// recreated, and names the caller in the waiter queues.
+    /// `fallback_lease` is the lease to use when the limits hash stores no
+    /// `lease_ms` (zero means 30 s). A busy reply queues the caller as a
+    /// waiter for [`DEFAULT_WAITER_TTL`], as
+    /// [`acquire_waiting`](Self::acquire_waiting) describes.
     #[allow(clippy::too_many_arguments)]
     pub async fn acquire<C: ConnectionLike>(
         &self,
@@ -649,15 +651,15 @@ impl Scripts {
         .map(|outcome| outcome.reply)
     }
 
-    /// Does what [`acquire`](Self::acquire) does, with the waiter TTL of a
-    /// busy reply given: the member `<token>:<key>` stays queued in
-    /// [`WaiterKeys`] for `waiter_ttl` after its last busy reply. A caller
-    /// that retries at least every `poll_max` should pass more than that,
-    /// such as `3 × poll_max`.
+    /// Tries once to acquire as [`acquire`](Self::acquire) does, with the
+    /// waiter TTL of a busy reply as a parameter. The member
+    /// `<token>:<key>` stays queued in [`WaiterKeys`] for `waiter_ttl` after
+    /// its last busy reply. A caller that retries at least every `poll_max`
+    /// should pass more than that, such as `3 × poll_max`.
     ///
     /// With `queue_next`, a grant that leaves the global or the key's count
     /// full queues the member at once, as a busy reply would, for a local
-    /// waiter that comes next. [`AcquireOutcome::queued_next`] returns the
+    /// waiter that comes next. [`AcquireOutcome::queued_next`] names the
     /// count it was queued for.
     #[allow(clippy::too_many_arguments)]
     pub async fn acquire_waiting<C: ConnectionLike>(
@@ -677,11 +679,7 @@ impl Scripts {
             .key(namespace.limits_key())
             .key(namespace.holders_key(None))
             .key(namespace.lease_key(lease_id));
-        add_waiter_keys(&mut call, &namespace.waiter_keys(None));
-        if let Some(key) = key {
-            call.key(namespace.holders_key(Some(key)));
-            add_waiter_keys(&mut call, &namespace.waiter_keys(Some(key)));
-        }
+        add_queue_keys(&mut call, namespace, key);
         call.arg(lease_id)
             .arg(holder)
             .arg(key.unwrap_or(""))
@@ -724,9 +722,9 @@ impl Scripts {
     /// the expiry the caller last got for it, in server milliseconds (0 when
     /// unknown).
     ///
-    /// Redis lost writes when a lease is missing from its set before that
-    /// expiry without a release, or when another Redis server process
-    /// stamped the meta hash. The call then starts a grace of one lease and
+    /// The call takes it that Redis lost writes when a lease is missing from
+    /// its set before that expiry without a release, or when another Redis
+    /// server process stamped the meta hash. The call then starts a grace of one lease and
     /// a new epoch, and returns every lease as lost. With no leases it still
     /// checks the server.
     pub async fn renew_expecting<C: ConnectionLike>(
@@ -764,11 +762,7 @@ impl Scripts {
         call.key(namespace.limits_key())
             .key(namespace.holders_key(None))
             .key(namespace.lease_key(lease.lease_id));
-        add_waiter_keys(&mut call, &namespace.waiter_keys(None));
-        if let Some(key) = lease.key {
-            call.key(namespace.holders_key(Some(key)));
-            add_waiter_keys(&mut call, &namespace.waiter_keys(Some(key)));
-        }
+        add_queue_keys(&mut call, namespace, lease.key);
         call.arg(lease.lease_id)
             .arg(namespace.wake_channel())
             .arg(lease.key.unwrap_or(""));
@@ -797,8 +791,7 @@ impl Scripts {
             _ => field.strip_prefix("k:").map(Some),
         };
         if let Some(key) = count {
-            call.key(namespace.holders_key(key));
-            add_waiter_keys(&mut call, &namespace.waiter_keys(key));
+            add_count_keys(&mut call, namespace, key);
         }
         call.arg(field)
             .arg(value.map(|v| v.to_string()).unwrap_or_default())
@@ -834,6 +827,30 @@ impl Scripts {
 
 fn add_waiter_keys(call: &mut redis::ScriptInvocation<'_>, keys: &WaiterKeys) {
     call.key(&keys.queue).key(&keys.expiry).key(&keys.named);
+}
+
+/// Adds the holder set and the waiter keys of one count (the global count
+/// for `key` `None`).
+fn add_count_keys(
+    call: &mut redis::ScriptInvocation<'_>,
+    namespace: &Namespace,
+    key: Option<&str>,
+) {
+    call.key(namespace.holders_key(key));
+    add_waiter_keys(call, &namespace.waiter_keys(key));
+}
+
+/// Adds the keys that ACQUIRE and RELEASE take after the lease hash: the
+/// global waiter keys and, with `key`, the key's holder set and waiter keys.
+fn add_queue_keys(
+    call: &mut redis::ScriptInvocation<'_>,
+    namespace: &Namespace,
+    key: Option<&str>,
+) {
+    add_waiter_keys(call, &namespace.waiter_keys(None));
+    if let Some(key) = key {
+        add_count_keys(call, namespace, Some(key));
+    }
 }
 
 pub(crate) fn millis(duration: Duration) -> u64 {

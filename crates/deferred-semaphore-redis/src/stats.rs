@@ -5,13 +5,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// Counts of one limiter's script calls and outcomes since it connected,
 /// from [`RedisLimiter::stats`](crate::RedisLimiter::stats).
 ///
-/// Each `*_calls` count is one round trip to Redis; a benchmark divides
+/// Each `*_calls` count is one round trip to Redis. A benchmark divides
 /// their sum by the units of work done.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
     /// Acquire script calls: grants, busy, grace and no-limit replies alike.
     pub acquire_calls: u64,
-    /// Renew script calls; each renews every lease of the limiter.
+    /// Renew script calls. Each renews every lease of the limiter.
     pub renew_calls: u64,
     /// Release script calls.
     pub release_calls: u64,

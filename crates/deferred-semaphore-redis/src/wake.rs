@@ -144,7 +144,7 @@ pub(crate) async fn run_subscriber(client: redis::Client, channel: String, wakes
             }
         }
         // NOTE: a half-open connection (no RST) keeps the stream silent
-        // until the kernel gives up; waiters still poll every poll_max.
+        // until the kernel gives up. Waiters still poll every poll_max.
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(STEP);
     }
@@ -201,11 +201,11 @@ impl Gates {
     }
 }
 
-/// Marks that the gate's single turn is taken; [`Gate`] gives it back.
+/// Marker of the gate's single turn, which [`Gate`] gives back on drop.
 #[derive(Debug)]
 struct TurnPermit;
 
-/// The turn of one waiter at its key's gate; the next waiter goes when it
+/// The turn of one waiter at its key's gate. The next waiter goes when it
 /// is dropped.
 #[derive(Debug)]
 pub(crate) struct Gate {
@@ -216,8 +216,8 @@ pub(crate) struct Gate {
 }
 
 impl Gate {
-    /// Returns whether other tasks wait at this gate, because only they,
-    /// the map and this turn own its state.
+    /// Returns whether other tasks wait at this gate. Only they, the map and
+    /// this turn own its state, so a count above 2 means followers.
     pub(crate) fn has_followers(&self) -> bool {
         Arc::strong_count(&self.state) > 2
     }
@@ -239,7 +239,8 @@ impl Drop for Gate {
         if self.permit.take().is_some() {
             self.state.turn.add_permits(1);
         }
-        // Only the map and this turn hold it: nobody waits at this gate.
+        // Only the map and this turn own the state, so no task waits at this
+        // gate.
         if Arc::strong_count(&self.state) == 2 {
             map.remove(&self.key);
         }

@@ -1,6 +1,8 @@
 //! The limiter as a client: many tasks, faults of the server, cancel
 //! safety. Each test starts its own redis-server.
 
+mod support;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,33 +11,24 @@ use deferred_semaphore::{KeyedLimiter, Limiter};
 use deferred_semaphore_redis::scripts::Namespace;
 use deferred_semaphore_redis::{Error, LimitChange, Options, RedisLimiter};
 use test_redis::{Persistence, RedisServer};
+use tokio::task::JoinHandle;
 
 const NS: &str = "t";
+
+fn namespace() -> Namespace {
+    Namespace::new(NS).unwrap()
+}
 
 /// Stores `global` and `lease` for namespace `t`, with the namespace state
 /// already present so that no grace applies.
 fn prepare(server: &RedisServer, lease: Duration, global: u64) {
-    let ns = Namespace::new(NS).unwrap();
     let lease_ms = lease.as_millis().to_string();
     let global = global.to_string();
-    server.command(&[
-        "HSET",
-        &ns.limits_key(),
-        "lease_ms",
-        &lease_ms,
-        "global",
-        &global,
-    ]);
-    server.command(&[
-        "HSET",
-        &ns.meta_key(),
-        "epoch",
-        "e0",
-        "grace_until",
-        "0",
-        "fence",
-        "0",
-    ]);
+    support::prepare_namespace(
+        server,
+        &namespace(),
+        &[("lease_ms", &lease_ms), ("global", &global)],
+    );
 }
 
 fn options() -> Options {
@@ -46,12 +39,28 @@ fn options() -> Options {
     }
 }
 
+async fn connect(server: &RedisServer, options: Options) -> RedisLimiter {
+    RedisLimiter::connect(&server.url(), NS, options)
+        .await
+        .unwrap()
+}
+
+/// Starts a server, stores `lease` and `global` as [`prepare`] does and
+/// connects a limiter with [`options`]. Returns `None` when redis-server
+/// is missing.
+async fn start(
+    persistence: Persistence,
+    lease: Duration,
+    global: u64,
+) -> Option<(RedisServer, RedisLimiter)> {
+    let server = RedisServer::start(persistence)?;
+    prepare(&server, lease, global);
+    let limiter = connect(&server, options()).await;
+    Some((server, limiter))
+}
+
 fn count(server: &RedisServer, key: Option<&str>) -> String {
-    let ns = Namespace::new(NS).unwrap();
-    server
-        .command(&["ZCARD", &ns.holders_key(key)])
-        .trim()
-        .to_owned()
+    support::holder_count(server, &namespace(), key)
 }
 
 /// Waits up to `limit` for the set of `key` to empty.
@@ -60,48 +69,68 @@ async fn wait_empty(server: &RedisServer, key: Option<&str>, limit: Duration) {
     while count(server, key) != ":0" {
         assert!(
             start.elapsed() < limit,
-            "set {key:?} still holds {} after {limit:?}",
+            "set {key:?} still has {} members after {limit:?}",
             count(server, key)
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
+/// Holders counted beside the limiter, with the most seen at once.
+#[derive(Debug, Default)]
+struct Occupancy {
+    active: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl Occupancy {
+    /// Counts one holder for 10 ms and records the peak.
+    async fn hold(&self) {
+        let now = self.active.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        self.active.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    fn peak(&self) -> usize {
+        self.peak.load(Ordering::SeqCst)
+    }
+}
+
+/// Waits up to `limit` for each task and returns their outputs in order.
+async fn join_within<T>(tasks: Vec<JoinHandle<T>>, limit: Duration) -> Vec<T> {
+    let mut outputs = Vec::new();
+    for task in tasks {
+        let output = tokio::time::timeout(limit, task)
+            .await
+            .unwrap_or_else(|_| panic!("a task did not finish within {limit:?}"))
+            .unwrap();
+        outputs.push(output);
+    }
+    outputs
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_tasks_stay_within_limit() {
-    let Some(server) = RedisServer::start(Persistence::None) else {
+    let Some((server, limiter)) = start(Persistence::None, Duration::from_secs(5), 3).await else {
         return;
     };
-    prepare(&server, Duration::from_secs(5), 3);
-    let limiter = RedisLimiter::connect(&server.url(), NS, options())
-        .await
-        .unwrap();
     assert_eq!(Limiter::limit(&limiter), 3);
-    let active = Arc::new(AtomicUsize::new(0));
-    let peak = Arc::new(AtomicUsize::new(0));
+    let occupancy = Arc::new(Occupancy::default());
     let mut tasks = Vec::new();
     for _ in 0..24 {
         let limiter = limiter.clone();
-        let active = active.clone();
-        let peak = peak.clone();
+        let occupancy = occupancy.clone();
         tasks.push(tokio::spawn(async move {
             for _ in 0..3 {
                 let permit = Limiter::acquire(&limiter).await.unwrap();
-                let now = active.fetch_add(1, Ordering::SeqCst) + 1;
-                peak.fetch_max(now, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                active.fetch_sub(1, Ordering::SeqCst);
+                occupancy.hold().await;
                 drop(permit);
             }
         }));
     }
-    for task in tasks {
-        tokio::time::timeout(Duration::from_secs(30), task)
-            .await
-            .expect("tasks finish within 30 s")
-            .unwrap();
-    }
-    let peak = peak.load(Ordering::SeqCst);
+    join_within(tasks, Duration::from_secs(30)).await;
+    let peak = occupancy.peak();
     assert!(peak <= 3, "{peak} holders at once under a limit of 3");
     assert!(peak >= 1);
     assert_eq!(limiter.stats().grants, 72);
@@ -110,13 +139,9 @@ async fn many_tasks_stay_within_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyed_permits_all_come_back() {
-    let Some(server) = RedisServer::start(Persistence::None) else {
+    let Some((server, limiter)) = start(Persistence::None, Duration::from_secs(5), 4).await else {
         return;
     };
-    prepare(&server, Duration::from_secs(5), 4);
-    let limiter = RedisLimiter::connect(&server.url(), NS, options())
-        .await
-        .unwrap();
     limiter
         .set_limit(LimitChange::PerKeyDefault(Some(1)))
         .await
@@ -138,12 +163,7 @@ async fn keyed_permits_all_come_back() {
             }
         }));
     }
-    for task in tasks {
-        tokio::time::timeout(Duration::from_secs(30), task)
-            .await
-            .expect("tasks finish within 30 s")
-            .unwrap();
-    }
+    join_within(tasks, Duration::from_secs(30)).await;
     for key in [None, Some("k0"), Some("k1")] {
         assert_eq!(count(&server, key), ":0", "set {key:?}");
     }
@@ -155,13 +175,9 @@ async fn keyed_permits_all_come_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_fires_when_server_paused() {
-    let Some(server) = RedisServer::start(Persistence::None) else {
+    let Some((server, limiter)) = start(Persistence::None, Duration::from_secs(1), 2).await else {
         return;
     };
-    prepare(&server, Duration::from_secs(1), 2);
-    let limiter = RedisLimiter::connect(&server.url(), NS, options())
-        .await
-        .unwrap();
     let permit = limiter.acquire_global().await.unwrap();
     assert!(!permit.is_lost());
     // The heartbeat keeps the lease past its first deadline.
@@ -191,9 +207,7 @@ async fn unavailable_after_server_killed() {
         unavailable_after: Duration::from_millis(1500),
         ..options()
     };
-    let limiter = RedisLimiter::connect(&server.url(), NS, options)
-        .await
-        .unwrap();
+    let limiter = connect(&server, options).await;
     server.kill();
     let start = Instant::now();
     let result = tokio::time::timeout(Duration::from_secs(15), limiter.acquire_global())
@@ -211,14 +225,10 @@ async fn unavailable_after_server_killed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelled_acquires_leak_nothing() {
-    let Some(server) = RedisServer::start(Persistence::None) else {
+    let lease = Duration::from_millis(800);
+    let Some((server, limiter)) = start(Persistence::None, lease, 2).await else {
         return;
     };
-    let lease = Duration::from_millis(800);
-    prepare(&server, lease, 2);
-    let limiter = RedisLimiter::connect(&server.url(), NS, options())
-        .await
-        .unwrap();
     let holder = limiter.acquire_global().await.unwrap();
     for i in 0..40u64 {
         // Cut each acquire at a different point: before the call, while
@@ -253,9 +263,7 @@ async fn limit_growth_wakes_waiter() {
         poll_max: Duration::from_secs(20),
         ..options()
     };
-    let limiter = RedisLimiter::connect(&server.url(), NS, options)
-        .await
-        .unwrap();
+    let limiter = connect(&server, options).await;
     let _holder = limiter.acquire_global().await.unwrap();
     let waiter = {
         let limiter = limiter.clone();
@@ -277,14 +285,10 @@ async fn limit_growth_wakes_waiter() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_restores_limits_after_grace() {
-    let Some(mut server) = RedisServer::start(Persistence::None) else {
+    let lease = Duration::from_millis(700);
+    let Some((mut server, limiter)) = start(Persistence::None, lease, 2).await else {
         return;
     };
-    let lease = Duration::from_millis(700);
-    prepare(&server, lease, 2);
-    let limiter = RedisLimiter::connect(&server.url(), NS, options())
-        .await
-        .unwrap();
     let before = limiter.acquire_global().await.unwrap();
     let old_fence = before.fence();
 
@@ -298,7 +302,7 @@ async fn restart_restores_limits_after_grace() {
         .expect("a grant within 10 s of the restart")
         .unwrap();
     assert!(permit.fence() > old_fence);
-    let ns = Namespace::new(NS).unwrap();
+    let ns = namespace();
     let global = server.command(&["HGET", &ns.limits_key(), "global"]);
     assert!(global.ends_with("2\r\n"), "limits restored: {global:?}");
     let limits = limiter.limits().await.unwrap();
@@ -337,14 +341,10 @@ async fn invalid_namespace_rejected() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn dropped_permits_released_before_exit() {
-    let Some(server) = RedisServer::start(Persistence::None) else {
+    // A long lease: a release cut off by the exit would show as a holder.
+    let Some((server, limiter)) = start(Persistence::None, Duration::from_secs(60), 8).await else {
         return;
     };
-    // A long lease: a release cut off by the exit would show as a holder.
-    prepare(&server, Duration::from_secs(60), 8);
-    let limiter = RedisLimiter::connect(&server.url(), NS, options())
-        .await
-        .unwrap();
     let mut permits = Vec::new();
     for _ in 0..8 {
         permits.push(limiter.acquire_global().await.unwrap());
@@ -363,9 +363,7 @@ async fn grace_left_reports_new_namespace_wait() {
     let Some(server) = RedisServer::start(Persistence::None) else {
         return;
     };
-    let limiter = RedisLimiter::connect(&server.url(), NS, options())
-        .await
-        .unwrap();
+    let limiter = connect(&server, options()).await;
     assert_eq!(limiter.grace_left().await.unwrap(), None);
     limiter
         .set_limit(LimitChange::Lease(Duration::from_secs(5)))
@@ -386,52 +384,44 @@ async fn four_limiters_share_fairly() {
         return;
     };
     prepare(&server, Duration::from_secs(5), 3);
+
     const GRANTS_PER_TASK: usize = 4;
     const TASKS: usize = 3;
-    let active = Arc::new(AtomicUsize::new(0));
-    let peak = Arc::new(AtomicUsize::new(0));
+    let occupancy = Arc::new(Occupancy::default());
     let mut limiters = Vec::new();
     let mut tasks = Vec::new();
     for _ in 0..4 {
-        let limiter = RedisLimiter::connect(&server.url(), NS, options())
-            .await
-            .unwrap();
+        let limiter = connect(&server, options()).await;
         for _ in 0..TASKS {
             let limiter = limiter.clone();
-            let active = active.clone();
-            let peak = peak.clone();
+            let occupancy = occupancy.clone();
             tasks.push(tokio::spawn(async move {
-                let mut longest = Duration::ZERO;
+                let mut max_wait = Duration::ZERO;
                 for _ in 0..GRANTS_PER_TASK {
-                    let asked = Instant::now();
+                    let requested = Instant::now();
                     let permit = limiter.acquire_global().await.unwrap();
-                    longest = longest.max(asked.elapsed());
-                    let now = active.fetch_add(1, Ordering::SeqCst) + 1;
-                    peak.fetch_max(now, Ordering::SeqCst);
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    active.fetch_sub(1, Ordering::SeqCst);
+                    max_wait = max_wait.max(requested.elapsed());
+                    occupancy.hold().await;
                     permit.release().await.unwrap();
                 }
-                longest
+                max_wait
             }));
         }
         limiters.push(limiter);
     }
-    for task in tasks {
-        let longest = tokio::time::timeout(Duration::from_secs(60), task)
-            .await
-            .expect("tasks finish within 60 s")
-            .unwrap();
+
+    for max_wait in join_within(tasks, Duration::from_secs(60)).await {
         // Every task waits behind at most 11 others of 10 ms each, plus a
-        // poll of 200 ms for a lost wake-up; 5 s leaves room for a slow
-        // machine while a starved task would wait far longer.
+        // poll of 200 ms for a lost wake-up. A bound of 5 s leaves room for
+        // a slow machine, while a starved task would wait far longer.
         assert!(
-            longest < Duration::from_secs(5),
-            "one wait took {longest:?}"
+            max_wait < Duration::from_secs(5),
+            "one wait took {max_wait:?}"
         );
     }
-    let peak = peak.load(Ordering::SeqCst);
+    let peak = occupancy.peak();
     assert!(peak <= 3, "{peak} holders at once under a limit of 3");
+
     for (index, limiter) in limiters.iter().enumerate() {
         let grants = limiter.stats().grants;
         assert_eq!(grants, (TASKS * GRANTS_PER_TASK) as u64, "limiter {index}");
@@ -443,7 +433,11 @@ async fn four_limiters_share_fairly() {
 async fn wait_calls(limiter: &RedisLimiter, calls: u64) {
     let start = Instant::now();
     while limiter.stats().acquire_calls < calls {
-        assert!(start.elapsed() < Duration::from_secs(5), "no acquire call");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{} acquire calls after 5 s, expected {calls}",
+            limiter.stats().acquire_calls
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -461,7 +455,8 @@ async fn wait_renewals(limiter: &RedisLimiter, calls: u64, limit: Duration) {
     }
 }
 
-/// Waits up to `limit` for the namespace to be in a grace.
+/// Waits up to `limit` for the namespace to be in a grace. Returns the
+/// time left in it, or `None` when no grace started in time.
 async fn wait_grace(limiter: &RedisLimiter, limit: Duration) -> Option<Duration> {
     let start = Instant::now();
     loop {
@@ -485,15 +480,9 @@ async fn wake_for_other_limiter_ignored() {
         poll_max: Duration::from_secs(30),
         ..options()
     };
-    let holder = RedisLimiter::connect(&server.url(), NS, options())
-        .await
-        .unwrap();
-    let first = RedisLimiter::connect(&server.url(), NS, slow.clone())
-        .await
-        .unwrap();
-    let second = RedisLimiter::connect(&server.url(), NS, slow)
-        .await
-        .unwrap();
+    let holder = connect(&server, options()).await;
+    let first = connect(&server, slow.clone()).await;
+    let second = connect(&server, slow).await;
     let held = holder.acquire_global().await.unwrap();
     let first_wait = tokio::spawn({
         let first = first.clone();
@@ -525,19 +514,15 @@ async fn wake_for_other_limiter_ignored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lease_shrink_moves_deadline_earlier() {
-    let Some(server) = RedisServer::start(Persistence::None) else {
+    let Some((server, limiter)) = start(Persistence::None, Duration::from_secs(6), 2).await else {
         return;
     };
-    prepare(&server, Duration::from_secs(6), 2);
-    let limiter = RedisLimiter::connect(&server.url(), NS, options())
-        .await
-        .unwrap();
     let permit = limiter.acquire_global().await.unwrap();
     assert!(permit.deadline() > Instant::now() + Duration::from_secs(5));
 
     // An operator shrinks the lease; this process learns it from the
     // reply of its next renewal, two seconds (a third of 6 s) later.
-    let ns = Namespace::new(NS).unwrap();
+    let ns = namespace();
     server.command(&["HSET", &ns.limits_key(), "lease_ms", "600"]);
     let calls = limiter.stats().renew_calls + 1;
     wait_renewals(&limiter, calls, Duration::from_secs(5)).await;
@@ -550,18 +535,12 @@ async fn lease_shrink_moves_deadline_earlier() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shrunk_lease_grants_get_renewed() {
-    let Some(server) = RedisServer::start(Persistence::None) else {
+    let Some((server, limiter)) = start(Persistence::None, Duration::from_secs(6), 2).await else {
         return;
     };
-    prepare(&server, Duration::from_secs(6), 2);
-    let limiter = RedisLimiter::connect(&server.url(), NS, options())
-        .await
-        .unwrap();
     // Another process shrinks the lease while this one's heartbeat sleeps
     // for a third of the old lease (2 s).
-    let operator = RedisLimiter::connect(&server.url(), NS, options())
-        .await
-        .unwrap();
+    let operator = connect(&server, options()).await;
     operator
         .set_limit(LimitChange::Lease(Duration::from_millis(600)))
         .await
@@ -573,7 +552,7 @@ async fn shrunk_lease_grants_get_renewed() {
     // Past the first deadline, well before the old heartbeat would wake.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert!(!permit.is_lost(), "the grant with the short lease was lost");
-    let ns = Namespace::new(NS).unwrap();
+    let ns = namespace();
     let score = server.command(&["ZSCORE", &ns.holders_key(None), permit.lease_id()]);
     assert!(
         !score.starts_with("$-1"),
@@ -584,13 +563,10 @@ async fn shrunk_lease_grants_get_renewed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_restore_starts_grace() {
-    let Some(mut server) = RedisServer::start(Persistence::None) else {
+    let Some((mut server, holder)) = start(Persistence::None, Duration::from_millis(1500), 2).await
+    else {
         return;
     };
-    prepare(&server, Duration::from_millis(1500), 2);
-    let holder = RedisLimiter::connect(&server.url(), NS, options())
-        .await
-        .unwrap();
     let first = holder.acquire_global().await.unwrap();
     // The first renewal stamps the namespace with the server's run id.
     wait_renewals(&holder, 1, Duration::from_secs(3)).await;
@@ -600,14 +576,12 @@ async fn snapshot_restore_starts_grace() {
 
     server.kill();
     server.restart();
-    let ns = Namespace::new(NS).unwrap();
+    let ns = namespace();
     let epoch = server.command(&["HGET", &ns.meta_key(), "epoch"]);
     assert!(epoch.ends_with("e0\r\n"), "snapshot not loaded: {epoch:?}");
     assert_eq!(count(&server, None), ":1", "only the first lease is kept");
 
-    let other = RedisLimiter::connect(&server.url(), NS, options())
-        .await
-        .unwrap();
+    let other = connect(&server, options()).await;
     let grace = wait_grace(&other, Duration::from_secs(3)).await;
     assert!(grace.is_some(), "no grace after a restart from a snapshot");
     let third = tokio::time::timeout(Duration::from_millis(300), other.acquire_global()).await;
@@ -620,16 +594,13 @@ async fn snapshot_restore_starts_grace() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vanished_lease_starts_grace() {
-    let Some(server) = RedisServer::start(Persistence::None) else {
+    let Some((server, holder)) = start(Persistence::None, Duration::from_millis(1500), 1).await
+    else {
         return;
     };
-    prepare(&server, Duration::from_millis(1500), 1);
-    let holder = RedisLimiter::connect(&server.url(), NS, options())
-        .await
-        .unwrap();
     let permit = holder.acquire_global().await.unwrap();
     // Writes lost while the meta hash stayed.
-    let ns = Namespace::new(NS).unwrap();
+    let ns = namespace();
     server.command(&["ZREM", &ns.holders_key(None), permit.lease_id()]);
     server.command(&["DEL", &ns.lease_key(permit.lease_id())]);
 
@@ -642,13 +613,11 @@ async fn vanished_lease_starts_grace() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_keeping_data_starts_grace() {
-    let Some(mut server) = RedisServer::start(Persistence::AppendAlways) else {
+    let Some((mut server, holder)) =
+        start(Persistence::AppendAlways, Duration::from_millis(1500), 2).await
+    else {
         return;
     };
-    prepare(&server, Duration::from_millis(1500), 2);
-    let holder = RedisLimiter::connect(&server.url(), NS, options())
-        .await
-        .unwrap();
     let permit = holder.acquire_global().await.unwrap();
     wait_renewals(&holder, 1, Duration::from_secs(3)).await;
 
@@ -667,13 +636,9 @@ async fn restart_keeping_data_starts_grace() {
 
 #[tokio::test]
 async fn set_limit_rejects_huge_limits() {
-    let Some(server) = RedisServer::start(Persistence::None) else {
+    let Some((_server, limiter)) = start(Persistence::None, Duration::from_secs(5), 2).await else {
         return;
     };
-    prepare(&server, Duration::from_secs(5), 2);
-    let limiter = RedisLimiter::connect(&server.url(), NS, options())
-        .await
-        .unwrap();
     let cases = [
         (LimitChange::Global(1 << 53), "9007199254740992"),
         (
@@ -713,11 +678,9 @@ async fn unreadable_grant_is_released() {
     prepare(&server, Duration::from_secs(5), 2);
     // A limit stored past set_limit's range: Lua turns it into a double
     // that the reply cannot carry as an integer.
-    let ns = Namespace::new(NS).unwrap();
+    let ns = namespace();
     server.command(&["HSET", &ns.limits_key(), "global", "18446744073709551615"]);
-    let limiter = RedisLimiter::connect(&server.url(), NS, options())
-        .await
-        .unwrap();
+    let limiter = connect(&server, options()).await;
     match limiter.acquire_global().await {
         Err(Error::Redis(message)) => assert!(message.contains("acquire"), "{message}"),
         other => panic!("expected a Redis error, got {other:?}"),

@@ -1,5 +1,7 @@
 //! One script call at a time against a private redis-server.
 
+mod support;
+
 use std::time::Duration;
 
 use deferred_semaphore_redis::scripts::{AcquireReply, LeaseRef, Namespace, RenewReply, Scripts};
@@ -22,24 +24,11 @@ async fn fixture(lease: Duration, global: u64) -> Option<Fixture> {
     let ns = Namespace::new("t").unwrap();
     let lease_ms = lease.as_millis().to_string();
     let global = global.to_string();
-    server.command(&[
-        "HSET",
-        &ns.limits_key(),
-        "lease_ms",
-        &lease_ms,
-        "global",
-        &global,
-    ]);
-    server.command(&[
-        "HSET",
-        &ns.meta_key(),
-        "epoch",
-        "e0",
-        "grace_until",
-        "0",
-        "fence",
-        "0",
-    ]);
+    support::prepare_namespace(
+        &server,
+        &ns,
+        &[("lease_ms", &lease_ms), ("global", &global)],
+    );
     let client = redis::Client::open(server.url()).unwrap();
     let con = ConnectionManager::new(client).await.unwrap();
     Some(Fixture {
@@ -82,9 +71,61 @@ impl Fixture {
             .renewed
     }
 
+    /// Tries an acquire as the limiter with `token`, queued for
+    /// `waiter_ttl` when busy.
+    async fn acquire_as(&mut self, id: &str, token: &str, waiter_ttl: Duration) -> AcquireReply {
+        self.scripts
+            .acquire_waiting(
+                &mut self.con,
+                &self.ns,
+                id,
+                "test",
+                None,
+                token,
+                self.lease,
+                waiter_ttl,
+                false,
+            )
+            .await
+            .unwrap()
+            .reply
+    }
+
+    async fn renew_expecting(&mut self, id: &str, expected_expiry_ms: u64) -> RenewReply {
+        let leases = [(
+            LeaseRef {
+                lease_id: id,
+                key: None,
+            },
+            expected_expiry_ms,
+        )];
+        self.scripts
+            .renew_expecting(&mut self.con, &self.ns, &leases, "tok", self.lease)
+            .await
+            .unwrap()
+    }
+
+    async fn set_limit(&mut self, field: &str, value: Option<u64>, fallback_lease: Duration) {
+        self.scripts
+            .set_limit(&mut self.con, &self.ns, field, value, "tok", fallback_lease)
+            .await
+            .unwrap();
+    }
+
+    async fn restore_limits(&mut self, fields: &[(String, String)]) -> bool {
+        self.scripts
+            .restore_limits(&mut self.con, &self.ns, fields)
+            .await
+            .unwrap()
+    }
+
     fn count(&self, key: Option<&str>) -> String {
+        support::holder_count(&self.server, &self.ns, key)
+    }
+
+    fn meta(&self, field: &str) -> String {
         self.server
-            .command(&["ZCARD", &self.ns.holders_key(key)])
+            .command(&["HGET", &self.ns.meta_key(), field])
             .trim()
             .to_owned()
     }
@@ -104,6 +145,38 @@ fn fence(reply: &AcquireReply) -> u64 {
     }
 }
 
+fn expiry(reply: &AcquireReply) -> u64 {
+    match reply {
+        AcquireReply::Granted { expiry_ms, .. } => *expiry_ms,
+        other => panic!("expected a grant, got {other:?}"),
+    }
+}
+
+/// Returns the retry hint of a busy reply and whether the global count is
+/// full.
+fn busy(reply: &AcquireReply) -> (Duration, bool) {
+    match reply {
+        AcquireReply::Busy {
+            retry_in,
+            global_full,
+            ..
+        } => (*retry_in, *global_full),
+        other => panic!("expected busy, got {other:?}"),
+    }
+}
+
+fn is_busy(reply: &AcquireReply) -> bool {
+    matches!(reply, AcquireReply::Busy { .. })
+}
+
+/// Returns the time left in the grace of a grace reply.
+fn grace_wait(reply: &AcquireReply) -> Duration {
+    match reply {
+        AcquireReply::Grace { wait, .. } => *wait,
+        other => panic!("expected a grace, got {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn fill_to_limit_rejects_next() {
     let Some(mut f) = fixture(Duration::from_secs(5), 3).await else {
@@ -115,17 +188,9 @@ async fn fill_to_limit_rejects_next() {
         assert!(next > last, "fence {next} after {last}");
         last = next;
     }
-    match f.acquire("d", None).await {
-        AcquireReply::Busy {
-            retry_in,
-            global_full,
-            ..
-        } => {
-            assert!(global_full);
-            assert!(retry_in <= Duration::from_secs(5), "{retry_in:?}");
-        }
-        other => panic!("expected busy, got {other:?}"),
-    }
+    let (retry_in, global_full) = busy(&f.acquire("d", None).await);
+    assert!(global_full);
+    assert!(retry_in <= Duration::from_secs(5), "{retry_in:?}");
     assert_eq!(f.count(None), ":3");
     assert_eq!(f.score("d"), "$-1");
 }
@@ -138,10 +203,8 @@ async fn full_key_takes_nothing_from_global() {
     let limits = f.ns.limits_key();
     f.server.command(&["HSET", &limits, "k:a", "1"]);
     fence(&f.acquire("a1", Some("a")).await);
-    match f.acquire("a2", Some("a")).await {
-        AcquireReply::Busy { global_full, .. } => assert!(!global_full),
-        other => panic!("expected busy, got {other:?}"),
-    }
+    let (_, global_full) = busy(&f.acquire("a2", Some("a")).await);
+    assert!(!global_full);
     assert_eq!(f.count(None), ":1");
     assert_eq!(f.count(Some("a")), ":1");
     assert_eq!(f.score("a2"), "$-1");
@@ -149,10 +212,8 @@ async fn full_key_takes_nothing_from_global() {
     // A full global count takes nothing from a key with room.
     fence(&f.acquire("g1", None).await);
     fence(&f.acquire("g2", None).await);
-    match f.acquire("b1", Some("b")).await {
-        AcquireReply::Busy { global_full, .. } => assert!(global_full),
-        other => panic!("expected busy, got {other:?}"),
-    }
+    let (_, global_full) = busy(&f.acquire("b1", Some("b")).await);
+    assert!(global_full);
     assert_eq!(f.count(Some("b")), ":0");
     assert_eq!(f.count(None), ":3");
 }
@@ -166,10 +227,7 @@ async fn expired_lease_reaped_with_hint() {
     fence(&f.acquire("first", None).await);
     tokio::time::sleep(Duration::from_millis(250)).await;
     fence(&f.acquire("second", None).await);
-    let retry_in = match f.acquire("third", None).await {
-        AcquireReply::Busy { retry_in, .. } => retry_in,
-        other => panic!("expected busy, got {other:?}"),
-    };
+    let (retry_in, _) = busy(&f.acquire("third", None).await);
     // The hint is the time left of "first", not of "second".
     assert!(retry_in <= Duration::from_millis(350), "{retry_in:?}");
     assert!(retry_in >= Duration::from_millis(1), "{retry_in:?}");
@@ -235,20 +293,14 @@ async fn limit_shrink_keeps_holders() {
     for id in ["a", "b", "c"] {
         fence(&f.acquire(id, None).await);
     }
-    let ns = f.ns.clone();
-    f.scripts
-        .set_limit(&mut f.con, &ns, "global", Some(1), "tok", f.lease)
-        .await
-        .unwrap();
+    let lease = f.lease;
+    f.set_limit("global", Some(1), lease).await;
     assert_eq!(f.count(None), ":3", "shrinking revokes nobody");
-    assert!(matches!(
-        f.acquire("d", None).await,
-        AcquireReply::Busy { .. }
-    ));
+    assert!(is_busy(&f.acquire("d", None).await));
     f.release("a", None).await;
     f.release("b", None).await;
     assert!(
-        matches!(f.acquire("d", None).await, AcquireReply::Busy { .. }),
+        is_busy(&f.acquire("d", None).await),
         "one holder left fills a limit of one"
     );
     f.release("c", None).await;
@@ -272,17 +324,8 @@ async fn lost_state_grace_then_larger_fence() {
         ("lease_ms".to_owned(), "500".to_owned()),
         ("global".to_owned(), "2".to_owned()),
     ];
-    let ns = f.ns.clone();
-    let written = f
-        .scripts
-        .restore_limits(&mut f.con, &ns, &fields)
-        .await
-        .unwrap();
-    assert!(written);
-    let wait = match f.acquire("c", None).await {
-        AcquireReply::Grace { wait, .. } => wait,
-        other => panic!("expected a grace, got {other:?}"),
-    };
+    assert!(f.restore_limits(&fields).await);
+    let wait = grace_wait(&f.acquire("c", None).await);
     assert!(wait <= lease, "{wait:?}");
     assert!(wait >= Duration::from_millis(300), "{wait:?}");
     assert_eq!(f.count(None), ":0", "nothing granted during the grace");
@@ -292,24 +335,7 @@ async fn lost_state_grace_then_larger_fence() {
     assert!(after > before, "fence {after} not above {before}");
 
     // A second restore does not overwrite limits that exist.
-    let again = f
-        .scripts
-        .restore_limits(&mut f.con, &ns, &fields)
-        .await
-        .unwrap();
-    assert!(!again);
-}
-
-/// Tries an acquire as the limiter with `token`, queued for `waiter_ttl`
-/// when busy.
-async fn acquire_as(f: &mut Fixture, id: &str, token: &str, waiter_ttl: Duration) -> AcquireReply {
-    f.scripts
-        .acquire_waiting(
-            &mut f.con, &f.ns, id, "test", None, token, f.lease, waiter_ttl, false,
-        )
-        .await
-        .unwrap()
-        .reply
+    assert!(!f.restore_limits(&fields).await);
 }
 
 /// Subscribes a plain connection to the wake channel.
@@ -329,27 +355,23 @@ async fn next_wake(pubsub: &mut redis::aio::PubSub) -> Option<String> {
     Some(message.get_payload().unwrap())
 }
 
-fn is_busy(reply: &AcquireReply) -> bool {
-    matches!(reply, AcquireReply::Busy { .. })
-}
-
 #[tokio::test]
 async fn release_names_oldest_waiter() {
     let Some(mut f) = fixture(Duration::from_secs(5), 1).await else {
         return;
     };
     let ttl = Duration::from_secs(5);
-    fence(&acquire_as(&mut f, "h", "holder", ttl).await);
-    assert!(is_busy(&acquire_as(&mut f, "a1", "first", ttl).await));
-    assert!(is_busy(&acquire_as(&mut f, "b1", "second", ttl).await));
+    fence(&f.acquire_as("h", "holder", ttl).await);
+    assert!(is_busy(&f.acquire_as("a1", "first", ttl).await));
+    assert!(is_busy(&f.acquire_as("b1", "second", ttl).await));
     // A second busy reply keeps the first waiter's place.
-    assert!(is_busy(&acquire_as(&mut f, "a2", "first", ttl).await));
+    assert!(is_busy(&f.acquire_as("a2", "first", ttl).await));
     let mut pubsub = subscribe(&f).await;
     assert_eq!(f.release("h", None).await, 1);
     assert_eq!(next_wake(&mut pubsub).await.as_deref(), Some("@first:"));
     assert_eq!(next_wake(&mut pubsub).await, None);
     // The named waiter's grant leaves the queue.
-    fence(&acquire_as(&mut f, "a3", "first", ttl).await);
+    fence(&f.acquire_as("a3", "first", ttl).await);
     let queue = f.ns.waiter_keys(None).queue;
     let members = f.server.command(&["ZRANGE", &queue, "0", "-1"]);
     assert!(!members.contains("first"), "queue after grant: {members}");
@@ -362,10 +384,10 @@ async fn named_waiter_not_named_twice() {
         return;
     };
     let ttl = Duration::from_secs(5);
-    fence(&acquire_as(&mut f, "h1", "holder", ttl).await);
-    fence(&acquire_as(&mut f, "h2", "holder", ttl).await);
-    assert!(is_busy(&acquire_as(&mut f, "a1", "first", ttl).await));
-    assert!(is_busy(&acquire_as(&mut f, "b1", "second", ttl).await));
+    fence(&f.acquire_as("h1", "holder", ttl).await);
+    fence(&f.acquire_as("h2", "holder", ttl).await);
+    assert!(is_busy(&f.acquire_as("a1", "first", ttl).await));
+    assert!(is_busy(&f.acquire_as("b1", "second", ttl).await));
     let mut pubsub = subscribe(&f).await;
     f.release("h1", None).await;
     assert_eq!(next_wake(&mut pubsub).await.as_deref(), Some("@first:"));
@@ -379,47 +401,17 @@ async fn expired_waiter_skipped() {
         return;
     };
     let ttl = Duration::from_secs(5);
-    fence(&acquire_as(&mut f, "h", "holder", ttl).await);
+    fence(&f.acquire_as("h", "holder", ttl).await);
     let short = Duration::from_millis(1);
-    assert!(is_busy(&acquire_as(&mut f, "a1", "gone", short).await));
+    assert!(is_busy(&f.acquire_as("a1", "gone", short).await));
     tokio::time::sleep(Duration::from_millis(20)).await;
-    assert!(is_busy(&acquire_as(&mut f, "b1", "live", ttl).await));
+    assert!(is_busy(&f.acquire_as("b1", "live", ttl).await));
     let mut pubsub = subscribe(&f).await;
     f.release("h", None).await;
     assert_eq!(next_wake(&mut pubsub).await.as_deref(), Some("@live:"));
     let keys = f.ns.waiter_keys(None);
     let score = f.server.command(&["ZSCORE", &keys.queue, "gone:"]);
     assert_eq!(score.trim(), "$-1", "expired waiter still queued");
-}
-
-fn expiry(reply: &AcquireReply) -> u64 {
-    match reply {
-        AcquireReply::Granted { expiry_ms, .. } => *expiry_ms,
-        other => panic!("expected a grant, got {other:?}"),
-    }
-}
-
-impl Fixture {
-    async fn renew_expecting(&mut self, id: &str, expected_expiry_ms: u64) -> RenewReply {
-        let leases = [(
-            LeaseRef {
-                lease_id: id,
-                key: None,
-            },
-            expected_expiry_ms,
-        )];
-        self.scripts
-            .renew_expecting(&mut self.con, &self.ns, &leases, "tok", self.lease)
-            .await
-            .unwrap()
-    }
-
-    fn meta(&self, field: &str) -> String {
-        self.server
-            .command(&["HGET", &self.ns.meta_key(), field])
-            .trim()
-            .to_owned()
-    }
 }
 
 #[tokio::test]
@@ -438,12 +430,8 @@ async fn vanished_lease_starts_grace() {
     assert_ne!(reply.epoch, "e0", "a new epoch cuts off every holder");
     let stored = f.meta("epoch");
     assert!(stored.ends_with(&reply.epoch), "{stored:?}");
-    match f.acquire("b", None).await {
-        AcquireReply::Grace { wait, .. } => {
-            assert!(wait > Duration::from_secs(4), "{wait:?}");
-        }
-        other => panic!("expected a grace, got {other:?}"),
-    }
+    let wait = grace_wait(&f.acquire("b", None).await);
+    assert!(wait > Duration::from_secs(4), "{wait:?}");
 }
 
 #[tokio::test]
@@ -489,9 +477,8 @@ async fn other_server_run_id_starts_grace() {
     assert!(run_id.len() > 40, "{run_id:?}");
 
     // A meta hash written by another server process, as after a restart.
-    let ns = f.ns.clone();
     f.server
-        .command(&["HSET", &ns.meta_key(), "run_id", "0000"]);
+        .command(&["HSET", &f.ns.meta_key(), "run_id", "0000"]);
     let reply = f.renew_expecting("a", 0).await;
     assert_eq!(reply.renewed, vec![false]);
     assert_ne!(reply.epoch, "e0");
@@ -503,8 +490,8 @@ async fn other_server_run_id_starts_grace() {
 }
 
 /// A namespace without limits grants nothing, so neither an acquire nor a
-/// heartbeat may start its grace: the grace must start with the lease the
-/// first limits set, not with a client's fallback.
+/// renewal starts its grace. The grace starts with the lease that the first
+/// limits set, not with a client's fallback lease.
 #[tokio::test]
 async fn no_limits_start_no_grace() {
     let Some(mut f) = fixture(Duration::from_secs(1), 1).await else {
@@ -516,31 +503,10 @@ async fn no_limits_start_no_grace() {
     let meta = f.server.command(&["EXISTS", &f.ns.meta_key()]);
     assert_eq!(meta.trim(), ":0", "meta created without limits");
 
-    f.scripts
-        .set_limit(
-            &mut f.con,
-            &f.ns,
-            "lease_ms",
-            Some(600),
-            "tok",
-            Duration::from_secs(30),
-        )
-        .await
-        .unwrap();
-    f.scripts
-        .set_limit(
-            &mut f.con,
-            &f.ns,
-            "global",
-            Some(1),
-            "tok",
-            Duration::from_secs(30),
-        )
-        .await
-        .unwrap();
-    let AcquireReply::Grace { wait, .. } = f.acquire("b", None).await else {
-        panic!("a new namespace starts with a grace");
-    };
+    let fallback_lease = Duration::from_secs(30);
+    f.set_limit("lease_ms", Some(600), fallback_lease).await;
+    f.set_limit("global", Some(1), fallback_lease).await;
+    let wait = grace_wait(&f.acquire("b", None).await);
     assert!(
         wait <= Duration::from_millis(600),
         "grace {wait:?}, lease 600 ms"

@@ -4,7 +4,9 @@
 //! `release`. Counters outside the limiter check every grant against the
 //! limits, and at the end every lease must be gone from Redis.
 //!
-//! `REDIS_STRESS_SEED` replays a run; each run prints its seed.
+//! Set `REDIS_STRESS_SEED` to replay a run. Each run prints its seed.
+
+mod support;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -44,7 +46,8 @@ impl Choices {
     }
 }
 
-/// How many permits are held now, counted beside the limiter.
+/// Permits held now, counted beside the limiter to check every grant
+/// against the limits.
 struct Held {
     global: AtomicUsize,
     keys: HashMap<&'static str, AtomicUsize>,
@@ -67,8 +70,8 @@ impl Held {
         self.grants.fetch_add(1, Ordering::SeqCst);
     }
 
-    /// Called before the permit goes back, so the count never lags behind
-    /// Redis's.
+    /// Counts a permit as given back. Call it before the permit goes back
+    /// to Redis, so that this count never exceeds the one in Redis.
     fn give(&self, key: Option<&str>) {
         self.global.fetch_sub(1, Ordering::SeqCst);
         if let Some(key) = key {
@@ -77,32 +80,19 @@ impl Held {
     }
 }
 
+/// Stores a lease of 3 s, [`GLOBAL`] and the key limits of [`KEYS`], with
+/// the namespace state already present so that no grace applies.
 fn prepare(server: &RedisServer) {
-    let ns = Namespace::new(NS).unwrap();
-    server.command(&[
-        "HSET",
-        &ns.limits_key(),
-        "lease_ms",
-        "3000",
-        "global",
-        &GLOBAL.to_string(),
-        "k:a",
-        "2",
-        "k:b",
-        "2",
-        "k:hot",
-        "1",
-    ]);
-    server.command(&[
-        "HSET",
-        &ns.meta_key(),
-        "epoch",
-        "e0",
-        "grace_until",
-        "0",
-        "fence",
-        "0",
-    ]);
+    let global = GLOBAL.to_string();
+    let key_limits: Vec<(String, String)> = KEYS
+        .iter()
+        .filter_map(|(key, limit)| Some((format!("k:{}", (*key)?), limit.to_string())))
+        .collect();
+    let mut limits = vec![("lease_ms", "3000"), ("global", global.as_str())];
+    for (field, value) in &key_limits {
+        limits.push((field, value));
+    }
+    support::prepare_namespace(server, &Namespace::new(NS).unwrap(), &limits);
 }
 
 async fn acquire(limiter: &RedisLimiter, key: Option<&str>) -> RedisPermit {
@@ -113,7 +103,7 @@ async fn acquire(limiter: &RedisLimiter, key: Option<&str>) -> RedisPermit {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn random_operations_keep_limits_and_return_every_lease() {
+async fn random_operations_keep_limits_and_leases() {
     let Some(server) = RedisServer::start(Persistence::None) else {
         return;
     };
@@ -204,14 +194,14 @@ async fn random_operations_keep_limits_and_return_every_lease() {
     );
     assert_eq!(held.violations.load(Ordering::SeqCst), 0, "seed {seed}");
     assert!(grants > 0);
-    let stats: u64 = limiters.iter().map(|l| l.stats().lost).sum();
+    let lost: u64 = limiters.iter().map(|l| l.stats().lost).sum();
     assert_eq!(
-        stats, 0,
+        lost, 0,
         "no lease may be lost in a healthy run (seed {seed})"
     );
     let ns = Namespace::new(NS).unwrap();
     for (key, _) in KEYS {
-        let left = server.command(&["ZCARD", &ns.holders_key(key)]);
-        assert_eq!(left.trim(), ":0", "key {key:?} still held (seed {seed})");
+        let left = support::holder_count(&server, &ns, key);
+        assert_eq!(left, ":0", "key {key:?} still held (seed {seed})");
     }
 }
