@@ -8,8 +8,8 @@
 //! ```
 //!
 //! `setup` stores the limit and waits until the first grant goes through.
-//! `redis` and `local` print one JSON line: units, seconds, and the most
-//! permits held at once as counted beside the limiter. `bench/fleet.py`
+//! `redis` and `local` print one JSON line: units, seconds, and the maximum
+//! number of permits held at once, counted beside the limiter. `bench/fleet.py`
 //! runs them and writes the table.
 
 use std::process::ExitCode;
@@ -81,8 +81,8 @@ async fn setup(url: &str, namespace: &str, limit: u64, lease_ms: u64) -> Result<
             .await
             .map_err(|error| error.to_string())?;
     }
-    // A new namespace grants nothing for one lease time; wait it out here
-    // so that the timed runs do not include it.
+    // A new namespace grants nothing for one lease time, so wait it out
+    // here and keep it out of the timed runs.
     let permit = limiter
         .acquire_global()
         .await
@@ -100,18 +100,22 @@ where
 {
     let next = Arc::new(AtomicU64::new(0));
     let held = Arc::new(AtomicUsize::new(0));
-    let most = Arc::new(AtomicUsize::new(0));
+    let max_held = Arc::new(AtomicUsize::new(0));
     let hold = Duration::from_micros(hold_us);
     let started = Instant::now();
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..tasks {
-        let (limiter, next, held, most) =
-            (limiter.clone(), next.clone(), held.clone(), most.clone());
+        let (limiter, next, held, max_held) = (
+            limiter.clone(),
+            next.clone(),
+            held.clone(),
+            max_held.clone(),
+        );
         set.spawn(async move {
             while next.fetch_add(1, Ordering::Relaxed) < units {
                 let permit = limiter.acquire().await.expect("a permit");
                 let now = held.fetch_add(1, Ordering::SeqCst) + 1;
-                most.fetch_max(now, Ordering::SeqCst);
+                max_held.fetch_max(now, Ordering::SeqCst);
                 if hold.is_zero() {
                     tokio::task::yield_now().await;
                 } else {
@@ -127,7 +131,7 @@ where
     }
     let seconds = started.elapsed().as_secs_f64();
     println!(
-        "{{\"units\":{units},\"seconds\":{seconds:.6},\"most_held\":{}}}",
-        most.load(Ordering::SeqCst)
+        "{{\"units\":{units},\"seconds\":{seconds:.6},\"max_held\":{}}}",
+        max_held.load(Ordering::SeqCst)
     );
 }

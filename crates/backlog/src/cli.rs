@@ -260,8 +260,8 @@ pub struct LimiterArgs {
     pub limiter: Option<String>,
 
     /// Sets how long a grant may wait while Redis cannot be reached, as in
-    /// 10s or 2m. Then the run starts nothing new and exits with status 2;
-    /// running items finish, or are stopped when their leases lapse.
+    /// 10s or 2m. Then the run starts nothing new and exits with status 2.
+    /// Running items finish, or are stopped when their leases lapse.
     #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_positive_duration,
           requires = "limiter")]
     pub limiter_timeout: Duration,
@@ -282,7 +282,7 @@ pub struct LimitsArgs {
     pub global: Option<u64>,
 
     /// Sets the maximum number of leases at once of each key that has no
-    /// limit of its own, or `none` to hold such keys by the global limit
+    /// limit of its own, or `none` to leave such keys to the global limit
     /// alone.
     #[arg(long, value_name = "N|none", value_parser = parse_optional_limit)]
     pub per_key_default: Option<PerKeyDefault>,
@@ -302,7 +302,8 @@ pub struct LimitsArgs {
     #[arg(long, value_name = "DUR", value_parser = parse_positive_duration)]
     pub lease: Option<Duration>,
 
-    /// Sets how long to wait while Redis cannot be reached.
+    /// Sets how long to wait while Redis cannot be reached, as in 10s or
+    /// 2m.
     #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_positive_duration)]
     pub limiter_timeout: Duration,
 

@@ -93,8 +93,8 @@ struct SinkState<'a, W, F: Write> {
     lease_wait_reported: bool,
 }
 
-/// The longest a run waits at its end for its released leases to reach
-/// Redis.
+/// The maximum time a run waits at its end for its released leases to
+/// reach Redis.
 const RELEASE_WAIT: Duration = Duration::from_secs(5);
 
 /// Everything a run needs besides its items, its jobs and its runner.
@@ -231,9 +231,9 @@ where
         never = signals.watch(&stop, setup.deadline, runner.gauge()) => match never {},
     };
     if let Some(fleet) = &fleet {
-        // Dropped leases are released in the background; an exit before
-        // those releases reach Redis would leave the leases held until
-        // they expire, and the other processes short of them meanwhile.
+        // Dropped leases are released in the background. An exit before
+        // those releases reach Redis would leave the leases held until they
+        // expire, so the other processes would be short of them meanwhile.
         let _ = tokio::time::timeout(RELEASE_WAIT, fleet.limiter().wait_for_releases()).await;
     }
     // A run that stopped early finished without an error, but the journal
@@ -567,8 +567,8 @@ where
                     }
                     RetryEvent::LeaseWait(waited) => {
                         let mut state = state.lock().await;
-                        // Once per run: every item waits on the same
-                        // full limit.
+                        // Reported once per run, because every item waits
+                        // on the same full limit.
                         if !state.lease_wait_reported {
                             state.lease_wait_reported = true;
                             let url = fleet.map(|fleet| fleet.url()).unwrap_or_default();
@@ -609,8 +609,8 @@ where
             .await
         {
             Ok(Commit::Recorded) => {}
-            Ok(Commit::Refused { fence, stored }) => {
-                let reason = refused_reason(fence, stored);
+            Ok(Commit::Rejected { fence, stored }) => {
+                let reason = rejected_commit_reason(fence, stored);
                 let text = format!("item {}: {reason}", finished.item.index);
                 state.lock().await.sinks.progress.note(text);
                 let attempts = finished.outcome.attempts();
@@ -641,16 +641,17 @@ fn shared_key_of(item: &Item, key_limits: Option<&KeyLimits>) -> Option<String> 
     key.filter(|key| !key.is_empty())
 }
 
-/// Returns why the journal refused to record an item done under `fence`.
-fn refused_reason(fence: u64, stored: Option<u64>) -> String {
+/// Returns why the journal rejected recording an item done under
+/// `fence`.
+fn rejected_commit_reason(fence: u64, stored: Option<u64>) -> String {
     match stored {
         Some(stored) if stored > fence => {
-            format!("commit refused: fence {fence} is older than the item's fence {stored}")
+            format!("commit rejected: fence {fence} is older than the item's fence {stored}")
         }
         Some(stored) => {
-            format!("commit refused: fence {fence} is not the item's fence {stored}")
+            format!("commit rejected: fence {fence} is not the item's fence {stored}")
         }
-        None => format!("commit refused: fence {fence} no longer holds the item"),
+        None => format!("commit rejected: fence {fence} no longer holds the item"),
     }
 }
 
@@ -1151,93 +1152,105 @@ mod tests {
         assert_eq!(records[1]["outcome"], "done");
     }
 
-    /// Runs `lines` (`sleep` milliseconds each) with the fake shared
-    /// limiter and a journal at `journal_path`, while `meanwhile` runs
-    /// beside them. Returns the summary, the results records and the log.
-    async fn process_with_fleet<F: Fn(&Job) -> (Duration, ItemResult)>(
-        lines: &[&str],
-        runner: &MockRunner<F>,
-        limiter: &FakeLimiter,
-        stop: &Stop,
-        journal_path: &Path,
-        meanwhile: impl Future<Output = ()>,
-    ) -> (Summary, Vec<serde_json::Value>, String) {
-        let template = Template::parse(&["sleep".to_owned(), "{}".to_owned()], false);
-        let config = JournalConfig {
-            path: journal_path.to_owned(),
-            key: journal::KeyRule::Hash,
-            retry_failed: false,
-            jsonl: false,
-        };
-        let (journal, _) = Journal::open(&config).await.unwrap();
-        let items = stream::iter(text_items(lines));
-        let log = SharedScreen::default();
-        let mut sinks = sinks();
-        sinks.progress = Progress::log(Box::new(log.clone()));
-        let rules = rules();
-        let processing = process(
-            &template,
-            NonZeroUsize::MIN,
-            &rules,
-            stop,
-            runner,
-            items,
-            &mut sinks,
-            Some(&journal),
-            Some(limiter),
-        );
-        let (summary, ()) = tokio::join!(processing, meanwhile);
-        journal.close("completed").await.unwrap();
-        let log = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
-        (summary.unwrap(), records_of(sinks), log)
+    /// A journal in a temporary directory, the fake shared limiter and a
+    /// count of the commands started, for the tests of `--limiter`.
+    struct FleetRun {
+        _dir: tempfile::TempDir,
+        journal_path: std::path::PathBuf,
+        count: Cell<u32>,
+        limiter: FakeLimiter,
+        stop: Stop,
     }
 
-    /// Waits until `count` commands have started.
-    async fn started(count: &Cell<u32>, expected: u32) {
-        while count.get() < expected {
-            tokio::time::sleep(Duration::from_millis(1)).await;
+    impl FleetRun {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let journal_path = dir.path().join("journal.db");
+            Self {
+                _dir: dir,
+                journal_path,
+                count: Cell::new(0),
+                limiter: FakeLimiter::default(),
+                stop: Stop::default(),
+            }
         }
-    }
 
-    /// Returns a mock runner that counts its starts in `count`.
-    fn counting_runner(
-        count: &Cell<u32>,
-    ) -> MockRunner<impl Fn(&Job) -> (Duration, ItemResult) + '_> {
-        MockRunner::new(move |job: &Job| {
-            count.set(count.get() + 1);
-            sleep_and_echo(job)
-        })
-    }
+        /// Runs `lines` (`sleep` milliseconds each) with the fake shared
+        /// limiter and the journal, counting the commands started, while
+        /// `meanwhile` runs beside them. Returns the summary, the results
+        /// records and the log.
+        async fn process(
+            &self,
+            lines: &[&str],
+            meanwhile: impl Future<Output = ()>,
+        ) -> (Summary, Vec<serde_json::Value>, String) {
+            let runner = MockRunner::new(|job: &Job| {
+                self.count.set(self.count.get() + 1);
+                sleep_and_echo(job)
+            });
+            let template = Template::parse(&["sleep".to_owned(), "{}".to_owned()], false);
+            let config = JournalConfig {
+                path: self.journal_path.clone(),
+                key: journal::KeyRule::Hash,
+                retry_failed: false,
+                jsonl: false,
+            };
+            let (journal, _) = Journal::open(&config).await.unwrap();
+            let items = stream::iter(text_items(lines));
+            let log = SharedScreen::default();
+            let mut sinks = sinks();
+            sinks.progress = Progress::log(Box::new(log.clone()));
+            let rules = rules();
+            let processing = process(
+                &template,
+                NonZeroUsize::MIN,
+                &rules,
+                &self.stop,
+                &runner,
+                items,
+                &mut sinks,
+                Some(&journal),
+                Some(&self.limiter),
+            );
+            let (summary, ()) = tokio::join!(processing, meanwhile);
+            journal.close("completed").await.unwrap();
+            let log = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+            (summary.unwrap(), records_of(sinks), log)
+        }
 
-    /// Returns the state, attempts, error and fence of the item `text` in
-    /// the journal at `path`.
-    fn journal_row(path: &Path, text: &str) -> (String, u32, Option<String>, Option<u64>) {
-        let conn = rusqlite::Connection::open(path).unwrap();
-        conn.query_row(
-            "SELECT state, attempts, error, fence FROM items WHERE item = ?1",
-            [text],
-            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
-        )
-        .unwrap()
+        /// Waits until `expected` commands have started.
+        async fn started(&self, expected: u32) {
+            while self.count.get() < expected {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+
+        /// Returns the state, attempts, error and fence of the item `text`
+        /// in the journal.
+        fn journal_row(&self, text: &str) -> (String, u32, Option<String>, Option<u64>) {
+            let conn = rusqlite::Connection::open(&self.journal_path).unwrap();
+            conn.query_row(
+                "SELECT state, attempts, error, fence FROM items WHERE item = ?1",
+                [text],
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
+            )
+            .unwrap()
+        }
     }
 
     #[tokio::test(start_paused = true)]
     async fn lost_lease_stops_and_gives_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("journal.db");
-        let (count, limiter, stop) = (Cell::new(0), FakeLimiter::default(), Stop::default());
-        let runner = counting_runner(&count);
+        let run = FleetRun::new();
         let lose_first = async {
-            started(&count, 1).await;
-            limiter.granted.borrow()[0].handle.lose();
+            run.started(1).await;
+            run.limiter.granted.borrow()[0].handle.lose();
         };
-        let (summary, records, log) =
-            process_with_fleet(&["1000"], &runner, &limiter, &stop, &path, lose_first).await;
+        let (summary, records, log) = run.process(&["1000"], lose_first).await;
 
         // Retries are 0, yet the item ran again under a new lease.
         assert_eq!((summary.succeeded, summary.failed), (1, 0));
-        assert_eq!(count.get(), 2);
-        let granted = limiter.granted.borrow();
+        assert_eq!(run.count.get(), 2);
+        let granted = run.limiter.granted.borrow();
         assert_eq!(granted.len(), 2);
         assert_eq!(granted[1].key, None);
         assert_eq!(granted[1].fence, 2);
@@ -1248,55 +1261,49 @@ mod tests {
         let line = "item 0: lease lost on redis://fake:1/test; stopped its command and gave the \
                     item back";
         assert!(log.contains(line), "{log}");
-        let (state, attempts, _, fence) = journal_row(&path, "1000");
+        let (state, attempts, _, fence) = run.journal_row("1000");
         assert_eq!((state.as_str(), attempts, fence), ("done", 2, Some(2)));
     }
 
     #[tokio::test(start_paused = true)]
     async fn lost_lease_at_end_is_not_done() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("journal.db");
-        let (count, limiter, stop) = (Cell::new(0), FakeLimiter::default(), Stop::default());
-        let runner = counting_runner(&count);
+        let run = FleetRun::new();
         // The loss is never signalled, so only the check before recording
         // the item done can see it.
         let lose_first = async {
-            started(&count, 1).await;
-            limiter.granted.borrow()[0].handle.lose_unnoticed();
+            run.started(1).await;
+            run.limiter.granted.borrow()[0].handle.lose_unnoticed();
         };
-        let (summary, records, log) =
-            process_with_fleet(&["100"], &runner, &limiter, &stop, &path, lose_first).await;
+        let (summary, records, log) = run.process(&["100"], lose_first).await;
 
         assert_eq!(summary.succeeded, 1);
-        assert_eq!(count.get(), 2);
-        assert_eq!(limiter.granted.borrow().len(), 2);
+        assert_eq!(run.count.get(), 2);
+        assert_eq!(run.limiter.granted.borrow().len(), 2);
         assert_eq!(records[0]["attempts"], 2);
         assert_eq!(records[0]["fence"], 2);
-        assert!(log.contains("item 0: lease lost on redis://fake:1/test; its command had ended"));
-        let (state, attempts, _, fence) = journal_row(&path, "100");
+        let line = "item 0: lease lost on redis://fake:1/test; did not record its ended command \
+                    done and gave the item back";
+        assert!(log.contains(line), "{log}");
+        let (state, attempts, _, fence) = run.journal_row("100");
         assert_eq!((state.as_str(), attempts, fence), ("done", 2, Some(2)));
     }
 
     #[tokio::test(start_paused = true)]
     async fn lost_lease_while_stopping_is_given_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("journal.db");
-        let (count, limiter, stop) = (Cell::new(0), FakeLimiter::default(), Stop::default());
-        let runner = counting_runner(&count);
+        let run = FleetRun::new();
         let stop_then_lose = async {
-            started(&count, 1).await;
-            stop.request(StopLevel::Soon, StopCause::Interrupt);
-            limiter.granted.borrow()[0].handle.lose();
+            run.started(1).await;
+            run.stop.request(StopLevel::Soon, StopCause::Interrupt);
+            run.limiter.granted.borrow()[0].handle.lose();
         };
-        let (summary, records, _) =
-            process_with_fleet(&["1000"], &runner, &limiter, &stop, &path, stop_then_lose).await;
+        let (summary, records, _) = run.process(&["1000"], stop_then_lose).await;
 
         assert_eq!((summary.succeeded, summary.failed), (0, 0));
-        assert_eq!(count.get(), 1);
-        assert_eq!(limiter.granted.borrow().len(), 1);
+        assert_eq!(run.count.get(), 1);
+        assert_eq!(run.limiter.granted.borrow().len(), 1);
         assert_eq!(records[0]["outcome"], "given_back");
         assert_eq!(records[0]["error"], "given back: its shared lease was lost");
-        let (state, attempts, error, _) = journal_row(&path, "1000");
+        let (state, attempts, error, _) = run.journal_row("1000");
         assert_eq!((state.as_str(), attempts), ("pending", 1));
         assert_eq!(
             error.as_deref(),
@@ -1306,29 +1313,25 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn limiter_failure_fails_closed() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("journal.db");
-        let (count, limiter, stop) = (Cell::new(0), FakeLimiter::default(), Stop::default());
-        let runner = counting_runner(&count);
+        let run = FleetRun::new();
         let fail_later = async {
-            started(&count, 1).await;
-            *limiter.fail_with.borrow_mut() = Some("Redis is gone".to_owned());
+            run.started(1).await;
+            *run.limiter.fail_with.borrow_mut() = Some("Redis is gone".to_owned());
         };
         let lines = ["100", "200", "300"];
-        let (summary, records, _) =
-            process_with_fleet(&lines, &runner, &limiter, &stop, &path, fail_later).await;
+        let (summary, records, _) = run.process(&lines, fail_later).await;
 
-        // The running item finished and was recorded; nothing new started.
+        // The running item finished and was recorded, and nothing new started.
         assert_eq!(summary.succeeded, 1);
-        assert_eq!(count.get(), 1);
-        assert_eq!(limiter.granted.borrow().len(), 1);
+        assert_eq!(run.count.get(), 1);
+        assert_eq!(run.limiter.granted.borrow().len(), 1);
         assert_eq!(records[0]["outcome"], "done");
         let cause = StopCause::Limiter {
             url: "redis://fake:1/test".to_owned(),
             message: "Redis is gone".to_owned(),
         };
-        assert_eq!(stop.cause(), Some(cause));
-        assert_eq!(stop.level(), StopLevel::Soon);
+        assert_eq!(run.stop.cause(), Some(cause));
+        assert_eq!(run.stop.level(), StopLevel::Soon);
         assert!(records.len() >= 2, "{records:?}");
         for record in &records[1..] {
             assert_eq!(record["outcome"], "not_started");
@@ -1337,7 +1340,7 @@ mod tests {
                 "not started: the limiter redis://fake:1/test failed"
             );
         }
-        let (state, attempts, error, _) = journal_row(&path, "200");
+        let (state, attempts, error, _) = run.journal_row("200");
         assert_eq!((state.as_str(), attempts), ("pending", 1));
         assert!(error
             .unwrap()

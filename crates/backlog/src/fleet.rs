@@ -1,7 +1,7 @@
 //! `--limiter`: limits shared by every backlog process that names the same
 //! Redis URL, on one machine or many, through `deferred-semaphore-redis`.
 //!
-//! The engine sees the shared limiter through [`SharedLimiter`] and its
+//! The engine uses the shared limiter through [`SharedLimiter`] and its
 //! permits through [`Lease`], so that its handling of lost leases can be
 //! tested with an in-process fake.
 
@@ -66,6 +66,10 @@ pub trait Lease: Send {
     fn lost(&self) -> BoxFuture<'static, ()>;
 }
 
+/// The future of [`SharedLimiter::acquire`]: a lease, or the message to
+/// report.
+pub type Acquire<'a> = LocalBoxFuture<'a, Result<Box<dyn Lease>, String>>;
+
 /// The limiter shared by a fleet of backlog processes.
 pub trait SharedLimiter {
     /// Waits for a permit under the shared limit of `key`, or under the
@@ -75,10 +79,7 @@ pub trait SharedLimiter {
     ///
     /// Returns the message to report when no permit can be granted, such
     /// as when Redis cannot be reached: the run then starts nothing new.
-    fn acquire<'a>(
-        &'a self,
-        key: Option<&'a str>,
-    ) -> LocalBoxFuture<'a, Result<Box<dyn Lease>, String>>;
+    fn acquire<'a>(&'a self, key: Option<&'a str>) -> Acquire<'a>;
 
     /// Returns the limiter's URL without its password, for messages.
     fn url(&self) -> String;
@@ -311,10 +312,7 @@ impl Lease for RedisPermit {
 }
 
 impl SharedLimiter for RedisFleet {
-    fn acquire<'a>(
-        &'a self,
-        key: Option<&'a str>,
-    ) -> LocalBoxFuture<'a, Result<Box<dyn Lease>, String>> {
+    fn acquire<'a>(&'a self, key: Option<&'a str>) -> Acquire<'a> {
         Box::pin(async move {
             let granted = match key {
                 Some(key) => self.limiter.acquire_key(key).await,
@@ -340,10 +338,10 @@ pub mod fake {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::Arc;
 
-    use futures_util::future::{BoxFuture, LocalBoxFuture};
+    use futures_util::future::BoxFuture;
     use tokio::sync::Notify;
 
-    use super::{Lease, SharedLimiter};
+    use super::{Acquire, Lease, SharedLimiter};
 
     /// A lease whose loss the test controls.
     #[derive(Debug, Clone, Default)]
@@ -417,10 +415,7 @@ pub mod fake {
     }
 
     impl SharedLimiter for FakeLimiter {
-        fn acquire<'a>(
-            &'a self,
-            key: Option<&'a str>,
-        ) -> LocalBoxFuture<'a, Result<Box<dyn Lease>, String>> {
+        fn acquire<'a>(&'a self, key: Option<&'a str>) -> Acquire<'a> {
             Box::pin(async move {
                 if let Some(error) = self.fail_with.borrow().clone() {
                     return Err(error);

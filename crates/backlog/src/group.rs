@@ -18,9 +18,9 @@ use crate::exec::ItemResult;
 /// rare process that left the group and still keeps them open.
 const DRAIN_AFTER_KILL: Duration = Duration::from_secs(1);
 
-/// The longest wait from SIGTERM to SIGKILL for a command whose lease was
+/// The maximum wait from SIGTERM to SIGKILL for a command whose lease was
 /// lost. A lease's local deadline comes at least this long before Redis
-/// expires it.
+/// expires it, because the limiter accepts no lease under 200 ms.
 pub const LEASE_LOST_KILL_AFTER: Duration = Duration::from_millis(100);
 
 /// The reason a command was terminated before it exited by itself.

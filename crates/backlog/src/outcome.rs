@@ -45,7 +45,7 @@ pub enum ItemOutcome {
     GivenBack {
         /// Attempts made.
         attempts: u32,
-        /// Why the item was given back.
+        /// The reason the item was given back.
         reason: String,
     },
     /// The item was read but never ran, or its next attempt never started,

@@ -85,11 +85,11 @@ pub enum RetryEvent {
     Leased(u64),
     /// The wait for a shared lease has lasted this long and goes on.
     LeaseWait(Duration),
-    /// The attempt lost its shared lease and its item is given back; it
-    /// waits for a new grant without using up a retry. `stopped` tells
-    /// whether its command was stopped, or had ended already.
+    /// The attempt lost its shared lease and its item is given back, so it
+    /// waits for a new grant without using up a retry.
     GivenBack {
-        /// Whether the command was stopped.
+        /// Whether the command was stopped, rather than having ended
+        /// already.
         stopped: bool,
     },
 }
@@ -185,8 +185,8 @@ impl<R: Runner> Attempts<'_, R> {
     /// With a shared limiter, each attempt also holds a lease of it, taken
     /// after the local permit under `shared_key` (the global limit alone
     /// for `None`). An attempt whose lease is lost is stopped and its item
-    /// given back; it then waits for a new grant without using up one of
-    /// the retries.
+    /// given back. The item then waits for a new grant without using up
+    /// one of the retries.
     ///
     /// The permit and the lease are dropped before each backoff, and
     /// `reacquire` gets a new permit after it (`None` when the limiter is
@@ -232,8 +232,8 @@ impl<R: Runner> Attempts<'_, R> {
             let mut result = self.runner.run(job.clone(), terminate).await;
             result.fence = lease.as_ref().map(|lease| lease.fence());
             // A command that exited with a status of its own had ended
-            // before the kill reached it: its exit was not yet seen when
-            // the lease was found lost.
+            // before the kill reached it. Its exit was not yet seen when the
+            // lease was found lost.
             let stopped =
                 result.terminated == Some(Termination::LeaseLost) && result.exit_code.is_none();
             // A lease lost as the command ended must not let the item be
@@ -300,7 +300,7 @@ impl<R: Runner> Attempts<'_, R> {
     /// the limiter fails, which stops the run so that nothing new starts.
     ///
     /// A wait longer than [`LONG_LEASE_WAIT`] is reported once through
-    /// `notify`, so that a run waiting on a full limit says why.
+    /// `notify`, so that a run waiting on a full limit reports why.
     async fn take_lease<N, NF>(
         &self,
         key: Option<&str>,

@@ -785,8 +785,8 @@ fn mail_smtp_ca_must_hold_certificates() {
 }
 
 /// Two `backlog mail` processes share a global limit and a limit per
-/// recipient domain through a private redis-server; the sink's own session
-/// counts, over both processes, are the check.
+/// recipient domain through a private redis-server. The checks use the
+/// sink's own session counts over both processes.
 #[test]
 fn mail_limiter_shares_limits_between_processes() {
     let dir = TempDir::new().unwrap();

@@ -5,15 +5,30 @@
 
 mod fleet;
 
-use std::process::Command;
+use std::process::{Command, Output};
 
 use serde_json::Value;
 use tempfile::TempDir;
 
 use fleet::{backlog_bin, limiter_url, limits, poll, redis, seen_counts, set_limits};
 
-fn stderr_of(output: &std::process::Output) -> String {
+fn stderr_of(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Runs `backlog run --limiter URL --limiter-timeout TIMEOUT` with the
+/// command `true` over two items, without a Redis password.
+fn run_two_items(url: &str, timeout: &str) -> Output {
+    let dir = TempDir::new().unwrap();
+    let input = dir.path().join("in.txt");
+    std::fs::write(&input, "a\nb\n").unwrap();
+    Command::new(backlog_bin())
+        .args(["run", "--limiter", url, "--limiter-timeout", timeout])
+        .arg(&input)
+        .args(["--", "true"])
+        .env_remove("BACKLOG_REDIS_PASSWORD")
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -144,17 +159,8 @@ fn three_runs_share_global_and_key_limits() {
 
 #[test]
 fn unreachable_redis_fails_closed() {
-    let dir = TempDir::new().unwrap();
-    let input = dir.path().join("in.txt");
-    std::fs::write(&input, "a\nb\n").unwrap();
     let url = format!("redis://127.0.0.1:{}/jobs", fleet::closed_port());
-    let output = Command::new(backlog_bin())
-        .args(["run", "--limiter", &url, "--limiter-timeout", "1s"])
-        .arg(&input)
-        .args(["--", "true"])
-        .env_remove("BACKLOG_REDIS_PASSWORD")
-        .output()
-        .unwrap();
+    let output = run_two_items(&url, "1s");
     let stderr = stderr_of(&output);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     let expected = format!("Redis at {url} could not be reached for ");
@@ -166,16 +172,7 @@ fn unreachable_redis_fails_closed() {
 fn namespace_without_limit_fails_closed() {
     let Some(server) = redis() else { return };
     let url = limiter_url(&server, "unset");
-    let dir = TempDir::new().unwrap();
-    let input = dir.path().join("in.txt");
-    std::fs::write(&input, "a\nb\n").unwrap();
-    let output = Command::new(backlog_bin())
-        .args(["run", "--limiter", &url, "--limiter-timeout", "5s"])
-        .arg(&input)
-        .args(["--", "true"])
-        .env_remove("BACKLOG_REDIS_PASSWORD")
-        .output()
-        .unwrap();
+    let output = run_two_items(&url, "5s");
     let stderr = stderr_of(&output);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     let fix = format!("Set one with: backlog limits {url} --global N");
@@ -259,7 +256,7 @@ fn finished_run_releases_its_leases_and_reports_grace() {
     let Some(server) = redis() else { return };
     let url = limiter_url(&server, "rel");
     set_limits(&url, &["--lease", "2s", "--global", "5"]);
-    // The name is new: `backlog limits` says when grants start.
+    // The name is new, so `backlog limits` reports when grants start.
     let output = limits(&url, &["--json"]);
     let shown: Value = serde_json::from_slice(&output.stdout).unwrap();
     let grace = shown["grace_left_ms"]

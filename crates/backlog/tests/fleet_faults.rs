@@ -12,6 +12,7 @@
 //! after it is created or after Redis lost its data.
 
 mod fleet;
+mod random;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -23,6 +24,7 @@ use fleet::observer::{
     signal_group, wait_for, Fleet, Interval, Record, Worker, WorkerSpec, POLL_MAX,
 };
 use fleet::{limiter_url, limits, set_limits};
+use random::Random;
 use rustix::process::Signal;
 use test_redis::{Persistence, RedisServer};
 
@@ -60,6 +62,32 @@ fn namespace(server: &RedisServer, name: &str, args: &[&str]) -> String {
     all.extend(["--lease", "2s"]);
     set_limits(&url, &all);
     url
+}
+
+/// Creates the namespace `name` with a global limit of 3, a limit of 1 on
+/// the key `hot` and none on other keys, and returns its limiter URL.
+fn hot_namespace(server: &RedisServer, name: &str) -> String {
+    let args = [
+        "--global",
+        "3",
+        "--per-key-default",
+        "none",
+        "--key",
+        "hot=1",
+    ];
+    namespace(server, name, &args)
+}
+
+/// Returns 8 items of worker `label`: every `every`-th one, from the
+/// first, of the key `hot`, and each other one of a key of its own.
+fn items_with_hot(label: &str, every: usize) -> Vec<(String, String)> {
+    items(label, 8, |n| {
+        if n % every == 0 {
+            "hot".to_owned()
+        } else {
+            format!("{label}{n}")
+        }
+    })
 }
 
 fn starts_of<'a>(records: &'a [Record], worker: &str) -> Vec<&'a Record> {
@@ -120,37 +148,87 @@ fn assert_done_once(fleet: &Fleet, label: &str, ids: &[(String, String)], killed
     }
 }
 
+/// Waits for the first command of worker B, and checks that it started
+/// after `since`, the time of `event`, and within lease + poll + margin of
+/// it.
+fn assert_b_starts_after_lease(fleet: &Fleet, since: f64, event: &str) {
+    let allowed = LEASE + POLL_MAX + START_MARGIN;
+    let started = wait_for(allowed + Duration::from_secs(10), "B's command", || {
+        first_start(fleet, "B")
+    });
+    let gap = started.time - since;
+    eprintln!("B started {gap:.3} s after {event} (lease {LEASE:?})");
+    assert!(gap > 0.0, "B started {gap:.3} s before {event}");
+    assert!(
+        gap <= allowed.as_secs_f64(),
+        "B started {gap:.3} s after {event}, over lease + poll + margin {allowed:?}"
+    );
+}
+
+/// Worker A with a journal and one item, whose first command holds the
+/// only permit of the namespace.
+struct Holder {
+    worker: Worker,
+    items: Vec<(String, String)>,
+    /// The start record of the first command.
+    command: Record,
+    /// The fence of the first command's grant.
+    fence: u64,
+}
+
+/// Starts [`Holder`] A on `url`, whose command writes `first` steps on its
+/// first attempt and `later` steps on a retry, and waits for the command to
+/// start.
+fn start_holder(fleet: &Fleet, url: &str, first: u32, later: u32) -> Holder {
+    let items = items("a", 1, |_| "k".to_owned());
+    let mut spec = WorkerSpec::stepping("A", url, items.clone(), first, later);
+    spec.journal = true;
+    let worker = Worker::start(fleet, &spec);
+    let command = wait_for(Duration::from_secs(15), "A's command to start", || {
+        first_start(fleet, "A")
+    });
+    let fences = held_fences(url);
+    assert_eq!(fences.len(), 1, "holders: {fences:?}");
+    Holder {
+        worker,
+        items,
+        command,
+        fence: fences[0],
+    }
+}
+
+/// Checks that A ran its item a second time after `continued_at`, under a
+/// fence above that of the lost first grant, and recorded it done once.
+fn assert_rerun_with_new_fence(fleet: &Fleet, holder: &Holder, continued_at: f64) {
+    let records = fleet.records();
+    let a_starts = starts_of(&records, "A");
+    assert_eq!(a_starts.len(), 2, "A's starts: {a_starts:?}");
+    assert!(a_starts[1].time > continued_at, "{a_starts:?}");
+    assert_each_completed(&records, &holder.items);
+    assert_done_once(fleet, "A", &holder.items, false);
+    let journal = journal_items(&fleet.journal("A"));
+    let fence = journal["a-00"].fence.expect("the journal stores the fence");
+    let stale_fence = holder.fence;
+    assert!(
+        fence > i64::try_from(stale_fence).unwrap(),
+        "done with fence {fence}, not above the stale fence {stale_fence}"
+    );
+}
+
 #[test]
 fn limits_hold_across_processes() {
     let _serial = serial();
     let Some(server) = redis(Persistence::None) else {
         return;
     };
-    let url = namespace(
-        &server,
-        "spread",
-        &[
-            "--global",
-            "3",
-            "--per-key-default",
-            "none",
-            "--key",
-            "hot=1",
-        ],
-    );
+    let url = hot_namespace(&server, "spread");
     let fleet = Fleet::new();
     let labels = ["A", "B", "C"];
     let mut all_items = Vec::new();
     let mut workers = Vec::new();
     for label in labels {
         // Every third item of every worker is of the key `hot`.
-        let own = items(label, 8, |n| {
-            if n % 3 == 0 {
-                "hot".to_owned()
-            } else {
-                format!("{label}{n}")
-            }
-        });
+        let own = items_with_hot(label, 3);
         let mut spec = WorkerSpec::sleeping(label, &url, own.clone(), 0.4);
         spec.max_run = 3;
         workers.push(Worker::start(&fleet, &spec));
@@ -218,20 +296,7 @@ fn sigkill_of_holder_frees_permit_after_lease() {
 
     let killed_at = a.kill_tree();
     fleet.note_killed(a.pid(), killed_at);
-    let allowed = LEASE + POLL_MAX + START_MARGIN;
-    let started = wait_for(allowed + Duration::from_secs(10), "B's command", || {
-        first_start(&fleet, "B")
-    });
-    let gap = started.time - killed_at;
-    eprintln!(
-        "B started {gap:.3} s after the SIGKILL of A (lease {:?})",
-        LEASE
-    );
-    assert!(gap > 0.0, "B started {gap:.3} s before A was killed");
-    assert!(
-        gap <= allowed.as_secs_f64(),
-        "B started {gap:.3} s after the kill, over lease + poll + margin {allowed:?}"
-    );
+    assert_b_starts_after_lease(&fleet, killed_at, "the SIGKILL of A");
     b.assert_exit(WORKER_TIMEOUT, 0);
 
     // The killed command wrote nothing after the kill and is gone.
@@ -254,21 +319,13 @@ fn sigstop_of_holder_loses_lease() {
     };
     let url = namespace(&server, "stopped", &["--global", "1"]);
     let fleet = Fleet::new();
-    let a_items = items("a", 1, |_| "k".to_owned());
-    let b_items = items("b", 1, |_| "k".to_owned());
     // A's first attempt runs 20 s, while its retry and B run a few steps.
-    let mut a_spec = WorkerSpec::stepping("A", &url, a_items.clone(), 200, 3);
-    a_spec.journal = true;
-    let mut a = Worker::start(&fleet, &a_spec);
-    let stale = wait_for(Duration::from_secs(15), "A's command to start", || {
-        first_start(&fleet, "A")
-    });
-    let stale_fences = held_fences(&url);
-    assert_eq!(stale_fences.len(), 1, "holders: {stale_fences:?}");
-    let stale_fence = stale_fences[0];
+    let mut holder = start_holder(&fleet, &url, 200, 3);
+    let stale_pid = holder.command.pid;
+    let b_items = items("b", 1, |_| "k".to_owned());
     let mut b = Worker::start(&fleet, &WorkerSpec::stepping("B", &url, b_items, 10, 10));
     wait_for(Duration::from_secs(5), "A's command to step twice", || {
-        (written_by(&fleet, stale.pid)
+        (written_by(&fleet, stale_pid)
             .iter()
             .filter(|r| r.event == "step")
             .count()
@@ -281,36 +338,26 @@ fn sigstop_of_holder_loses_lease() {
         "B ran while A held the permit"
     );
 
-    let groups = a.stop_tree();
+    let groups = holder.worker.stop_tree();
     let stopped_at = now();
-    assert_eq!(groups, vec![stale.pid], "A's command groups");
-    let allowed = LEASE + POLL_MAX + START_MARGIN;
-    let started = wait_for(allowed + Duration::from_secs(10), "B's command", || {
-        first_start(&fleet, "B")
-    });
-    let gap = started.time - stopped_at;
-    eprintln!("B started {gap:.3} s after the SIGSTOP of A (lease {LEASE:?})");
-    assert!(gap > 0.0, "B started {gap:.3} s before A was stopped");
-    assert!(
-        gap <= allowed.as_secs_f64(),
-        "B started {gap:.3} s after the stop, over lease + poll + margin {allowed:?}"
-    );
+    assert_eq!(groups, vec![stale_pid], "A's command groups");
+    assert_b_starts_after_lease(&fleet, stopped_at, "the SIGSTOP of A");
 
     // Keep A stopped for 2.5 leases in all, then continue backlog first and
     // its command a second later.
     let resume_at = stopped_at + 2.5 * LEASE.as_secs_f64();
     sleep(Duration::from_secs_f64((resume_at - now()).max(0.0)));
-    let written_before = written_by(&fleet, stale.pid).len();
+    let written_before = written_by(&fleet, stale_pid).len();
     let continued_at = now();
-    a.continue_backlog();
+    holder.worker.continue_backlog();
     sleep(Duration::from_secs(1));
     for &group in &groups {
         signal_group(group, Signal::CONT);
     }
     wait_for(Duration::from_secs(10), "A's stale command to exit", || {
-        has_exited(stale.pid).then_some(())
+        has_exited(stale_pid).then_some(())
     });
-    let written_after = written_by(&fleet, stale.pid);
+    let written_after = written_by(&fleet, stale_pid);
     assert_eq!(
         written_after.len(),
         written_before,
@@ -318,27 +365,16 @@ fn sigstop_of_holder_loses_lease() {
         &written_after[written_before..]
     );
 
-    a.assert_exit(WORKER_TIMEOUT, 0);
+    holder.worker.assert_exit(WORKER_TIMEOUT, 0);
     b.assert_exit(WORKER_TIMEOUT, 0);
-    let stderr = a.stderr();
+    let stderr = holder.worker.stderr();
     assert!(
         stderr.to_lowercase().contains("lease lost"),
         "A did not log the lost lease:\n{stderr}"
     );
     // A ran the item again under a new grant, after it went on. The stale
     // command, still stopped, got SIGKILL 100 ms after its SIGTERM.
-    let records = fleet.records();
-    let a_starts = starts_of(&records, "A");
-    assert_eq!(a_starts.len(), 2, "A's starts: {a_starts:?}");
-    assert!(a_starts[1].time > continued_at, "{a_starts:?}");
-    assert_each_completed(&records, &a_items);
-    assert_done_once(&fleet, "A", &a_items, false);
-    let journal = journal_items(&fleet.journal("A"));
-    let fence = journal["a-00"].fence.expect("the journal stores the fence");
-    assert!(
-        fence > i64::try_from(stale_fence).unwrap(),
-        "done with fence {fence}, not above the stale fence {stale_fence}"
-    );
+    assert_rerun_with_new_fence(&fleet, &holder, continued_at);
 }
 
 #[test]
@@ -349,101 +385,56 @@ fn stopped_backlog_cannot_commit_stale_attempt() {
     };
     let url = namespace(&server, "stale", &["--global", "1"]);
     let fleet = Fleet::new();
-    let a_items = items("a", 1, |_| "k".to_owned());
-    let b_items = items("b", 1, |_| "k".to_owned());
     // A's first attempt ends by itself while backlog A is stopped.
-    let mut a_spec = WorkerSpec::stepping("A", &url, a_items.clone(), 6, 3);
-    a_spec.journal = true;
-    let mut a = Worker::start(&fleet, &a_spec);
-    let stale = wait_for(Duration::from_secs(15), "A's command to start", || {
-        first_start(&fleet, "A")
-    });
-    let stale_fences = held_fences(&url);
-    assert_eq!(stale_fences.len(), 1, "holders: {stale_fences:?}");
-    let stale_fence = stale_fences[0];
+    let mut holder = start_holder(&fleet, &url, 6, 3);
+    let stale_pid = holder.command.pid;
+    let b_items = items("b", 1, |_| "k".to_owned());
     let mut b = Worker::start(&fleet, &WorkerSpec::stepping("B", &url, b_items, 5, 5));
 
-    a.stop_backlog();
+    holder.worker.stop_backlog();
     let stopped_at = now();
     wait_for(Duration::from_secs(5), "A's command to end", || {
-        written_by(&fleet, stale.pid)
+        written_by(&fleet, stale_pid)
             .iter()
             .any(|r| r.event == "end")
             .then_some(())
     });
-    let allowed = LEASE + POLL_MAX + START_MARGIN;
-    let started = wait_for(allowed + Duration::from_secs(10), "B's command", || {
-        first_start(&fleet, "B")
-    });
-    let gap = started.time - stopped_at;
-    eprintln!("B started {gap:.3} s after the SIGSTOP of backlog A (lease {LEASE:?})");
-    assert!(
-        gap <= allowed.as_secs_f64(),
-        "B started {gap:.3} s after the stop, over lease + poll + margin {allowed:?}"
-    );
+    assert_b_starts_after_lease(&fleet, stopped_at, "the SIGSTOP of backlog A");
 
     let resume_at = stopped_at + 2.5 * LEASE.as_secs_f64();
     sleep(Duration::from_secs_f64((resume_at - now()).max(0.0)));
     let continued_at = now();
-    a.continue_backlog();
-    a.assert_exit(WORKER_TIMEOUT, 0);
+    holder.worker.continue_backlog();
+    holder.worker.assert_exit(WORKER_TIMEOUT, 0);
     b.assert_exit(WORKER_TIMEOUT, 0);
 
-    let stderr = a.stderr();
+    let stderr = holder.worker.stderr();
     let lowered = stderr.to_lowercase();
     assert!(
-        lowered.contains("lease lost") || lowered.contains("commit refused: fence"),
+        lowered.contains("lease lost") || lowered.contains("commit rejected: fence"),
         "A committed the attempt of a lost lease:\n{stderr}"
     );
-    let records = fleet.records();
-    let a_starts = starts_of(&records, "A");
-    assert_eq!(a_starts.len(), 2, "A's starts: {a_starts:?}");
-    assert!(a_starts[1].time > continued_at, "{a_starts:?}");
-    assert_each_completed(&records, &a_items);
-    assert_done_once(&fleet, "A", &a_items, false);
-    let journal = journal_items(&fleet.journal("A"));
-    let fence = journal["a-00"].fence.expect("the journal stores the fence");
-    assert!(
-        fence > i64::try_from(stale_fence).unwrap(),
-        "done with fence {fence}, not above the stale fence {stale_fence}"
-    );
+    assert_rerun_with_new_fence(&fleet, &holder, continued_at);
 }
 
 /// Runs two workers with journals under a global limit of 3 and a limit of
-/// 1 on the key `hot` of every other item, kills Redis with SIGKILL once a
+/// 1 on the key `hot` of every other item. Kills Redis with SIGKILL once a
 /// few commands have ended, restarts it after 1 s, and checks the runs, the
 /// journals and both limits. Without persistence it also checks that
-/// nothing starts for one lease after the restart, and the limits come
-/// back from the workers' cached copies.
+/// nothing starts for one lease after the restart, and that the limits
+/// come back from the workers' cached copies.
 fn redis_restart_mid_run(persistence: Persistence) {
     let _serial = serial();
     let Some(mut server) = redis(persistence) else {
         return;
     };
-    let url = namespace(
-        &server,
-        "restart",
-        &[
-            "--global",
-            "3",
-            "--per-key-default",
-            "none",
-            "--key",
-            "hot=1",
-        ],
-    );
+    let url = hot_namespace(&server, "restart");
     let fleet = Fleet::new();
     let labels = ["A", "B"];
     let mut all_items = Vec::new();
     let mut workers = Vec::new();
     for label in labels {
-        let own = items(label, 8, |n| {
-            if n % 2 == 0 {
-                "hot".to_owned()
-            } else {
-                format!("{label}{n}")
-            }
-        });
+        let own = items_with_hot(label, 2);
         let mut spec = WorkerSpec::sleeping(label, &url, own.clone(), 0.5);
         spec.max_run = 2;
         spec.journal = true;
@@ -573,19 +564,6 @@ fn redis_restart_with_append_only_file() {
 #[test]
 fn redis_restart_without_persistence() {
     redis_restart_mid_run(Persistence::None);
-}
-
-/// A small xorshift generator, so that the kill points vary from run to
-/// run and a failure prints the seed that reproduces them.
-struct Random(u64);
-
-impl Random {
-    fn below(&mut self, bound: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % bound
-    }
 }
 
 #[test]

@@ -3,6 +3,8 @@
 //! a ledger file, which shows that no item is lost and that each kill made
 //! at most `--max-run` items run twice.
 
+mod random;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -12,25 +14,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rusqlite::{Connection, OpenFlags};
 use tempfile::TempDir;
 
+use random::Random;
+
 const ITEMS: usize = 200;
 const MAX_RUN: usize = 4;
 const KILLS: usize = 20;
 
 /// The maximum time a run may take to reach its kill point or its end.
 const RUN_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// A small xorshift generator, so that the kill points vary from run to run
-/// and a failure prints the seed that reproduces them.
-struct Random(u64);
-
-impl Random {
-    fn below(&mut self, bound: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % bound
-    }
-}
 
 fn start_run(dir: &Path) -> Child {
     Command::new(assert_cmd::cargo::cargo_bin!("backlog"))

@@ -38,8 +38,9 @@ impl RedisServer {
     ///
     /// # Panics
     ///
-    /// When the server is missing and `BACKLOG_REQUIRE_SERVERS=1`, or when
-    /// it does not answer within 10 seconds.
+    /// When the server is missing and `BACKLOG_REQUIRE_SERVERS=1`, when it
+    /// does not reply to PING within 10 seconds, or when it exits at start
+    /// on 5 ports in a row.
     pub fn start(persistence: Persistence) -> Option<Self> {
         let Some(program) = find_program() else {
             let reason = "redis-server is not installed (apt-get install redis-server)";
@@ -68,17 +69,17 @@ impl RedisServer {
         panic!("redis-server did not start on a free loopback port after 5 tries");
     }
 
-    /// The port the server listens on, on 127.0.0.1.
+    /// Returns the port the server listens on, on 127.0.0.1.
     pub fn port(&self) -> u16 {
         self.port
     }
 
-    /// `redis://127.0.0.1:PORT`.
+    /// Returns the server's URL, `redis://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    /// The folder holding the server's files and log.
+    /// Returns the folder that contains the server's files and log.
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
@@ -96,8 +97,8 @@ impl RedisServer {
         }
     }
 
-    /// Stops the server with SIGSTOP: connections stay open and nothing
-    /// answers, as behind a network that drops every packet.
+    /// Stops the server with SIGSTOP, so connections stay open but get no
+    /// reply, as behind a network that drops every packet.
     pub fn pause(&self) {
         self.signal("STOP");
     }
@@ -207,7 +208,7 @@ impl RedisServer {
         let _ = child.kill();
         let _ = child.wait();
         panic!(
-            "redis-server on port {} did not answer PING within 10 s; see {}",
+            "redis-server on port {} did not reply to PING within 10 s; see its log {}",
             self.port,
             self.dir.path().join("redis.log").display()
         );

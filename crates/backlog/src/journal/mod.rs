@@ -388,7 +388,7 @@ impl Journal {
 
     /// Records how an attempt ended. A success under a shared lease is
     /// recorded only if the item still has the lease's `fence`, and is
-    /// refused otherwise. The record is committed when this returns.
+    /// rejected otherwise. The record is committed when this returns.
     ///
     /// # Errors
     ///

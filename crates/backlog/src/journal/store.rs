@@ -85,7 +85,7 @@ const ITEM_COLUMNS_V1: [&str; 12] = [
 /// `--limiter`.
 const FENCE_COLUMN: &str = "fence";
 
-/// What `check_schema` found in a database.
+/// The kind of database that `check_schema` found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Schema {
     /// An empty database, which a run may turn into a journal.
@@ -184,7 +184,7 @@ pub enum Commit {
     /// The success of an attempt under fence `fence` was not recorded,
     /// because the item's stored fence is `stored`: a later attempt, or
     /// another claim, owns the item now.
-    Refused {
+    Rejected {
         /// The fence of the attempt.
         fence: u64,
         /// The fence stored with the item, NULL when it has none.
@@ -702,7 +702,7 @@ fn set_fence(tx: &Connection, run: i64, key: &str, fence: u64) -> rusqlite::Resu
 
 /// Records the end of an attempt. A success under a fence is a conditional
 /// write: it changes the item only while the item's stored fence is the
-/// attempt's, and is refused otherwise.
+/// attempt's, and is rejected otherwise.
 fn finish_attempt(
     tx: &Connection,
     run: i64,
@@ -747,7 +747,7 @@ fn finish_attempt(
         })
         .optional()?
         .flatten();
-    Ok(Commit::Refused { fence, stored })
+    Ok(Commit::Rejected { fence, stored })
 }
 
 /// Returns the longest start of `text` of at most `max` bytes that ends on
@@ -832,8 +832,28 @@ mod tests {
         .unwrap()
     }
 
-    /// Makes the lock holder look like a process that has ended.
-    fn forget_holder(path: &Path) {
+    /// Returns a temporary directory and the path of a journal in it.
+    fn new_journal() -> (TempDir, PathBuf) {
+        let dir = TempDir::new().unwrap();
+        let path = dir.path().join("journal.db");
+        (dir, path)
+    }
+
+    /// Creates the journal at `path` and closes it.
+    fn create_closed(path: &Path) {
+        let (store, _) = Store::open(path, RULE, false).unwrap();
+        store.close("completed").unwrap();
+    }
+
+    /// Records a successful attempt of `key`.
+    fn succeed(store: &mut Store, key: &str) {
+        finish(store, key, AttemptEnd::Succeeded(AttemptRecord::default()));
+    }
+
+    /// Drops `store` without closing it, as a run killed with SIGKILL
+    /// would, and makes its lock holder look like a process that has ended.
+    fn abandon(store: Store, path: &Path) {
+        drop(store);
         let conn = Connection::open(path).unwrap();
         conn.execute("UPDATE runs SET start_ticks = start_ticks + 1", [])
             .unwrap();
@@ -841,17 +861,12 @@ mod tests {
 
     #[test]
     fn claim_runs_new_item_and_skips_done() {
-        let dir = TempDir::new().unwrap();
-        let path = dir.path().join("journal.db");
+        let (_dir, path) = new_journal();
         let (mut store, started) = Store::open(&path, RULE, false).unwrap();
         assert_eq!(started, Started { run: 1, died: None });
         assert_eq!(claim_one(&mut store, "a", 1), Claim::Run { attempt: 1 });
         assert_eq!(row(&path, "a").0, "running");
-        finish(
-            &mut store,
-            "a",
-            AttemptEnd::Succeeded(AttemptRecord::default()),
-        );
+        succeed(&mut store, "a");
         assert_eq!(row(&path, "a"), ("done".to_owned(), 1, None));
         store.close("completed").unwrap();
 
@@ -863,8 +878,7 @@ mod tests {
 
     #[test]
     fn claim_skips_duplicate_in_same_run() {
-        let dir = TempDir::new().unwrap();
-        let path = dir.path().join("journal.db");
+        let (_dir, path) = new_journal();
         let (mut store, _) = Store::open(&path, RULE, false).unwrap();
         let replies = store
             .apply(&[claim_op("a", 1), claim_op("b", 2), claim_op("a", 3)])
@@ -882,8 +896,7 @@ mod tests {
 
     #[test]
     fn failed_item_runs_again_only_with_retry_failed() {
-        let dir = TempDir::new().unwrap();
-        let path = dir.path().join("journal.db");
+        let (_dir, path) = new_journal();
         let (mut store, _) = Store::open(&path, RULE, false).unwrap();
         claim_one(&mut store, "a", 1);
         finish(&mut store, "a", AttemptEnd::Failed(failure(3)));
@@ -902,8 +915,7 @@ mod tests {
 
     #[test]
     fn retry_and_interruption_are_recorded_per_attempt() {
-        let dir = TempDir::new().unwrap();
-        let path = dir.path().join("journal.db");
+        let (_dir, path) = new_journal();
         let (mut store, _) = Store::open(&path, RULE, false).unwrap();
         claim_one(&mut store, "a", 1);
         finish(&mut store, "a", AttemptEnd::WillRetry(failure(1)));
@@ -928,8 +940,7 @@ mod tests {
 
     #[test]
     fn close_returns_running_items_to_pending() {
-        let dir = TempDir::new().unwrap();
-        let path = dir.path().join("journal.db");
+        let (_dir, path) = new_journal();
         let (mut store, _) = Store::open(&path, RULE, false).unwrap();
         claim_one(&mut store, "a", 1);
         store
@@ -945,8 +956,7 @@ mod tests {
 
     #[test]
     fn live_lock_rejects_second_run() {
-        let dir = TempDir::new().unwrap();
-        let path = dir.path().join("journal.db");
+        let (_dir, path) = new_journal();
         let (_store, _) = Store::open(&path, RULE, false).unwrap();
         let error = Store::open(&path, RULE, false).unwrap_err().to_string();
         let expected = format!(
@@ -959,19 +969,13 @@ mod tests {
 
     #[test]
     fn dead_lock_holder_is_taken_over() {
-        let dir = TempDir::new().unwrap();
-        let path = dir.path().join("journal.db");
+        let (_dir, path) = new_journal();
         let (mut killed, _) = Store::open(&path, RULE, false).unwrap();
         claim_one(&mut killed, "a", 1);
         claim_one(&mut killed, "b", 2);
-        finish(
-            &mut killed,
-            "b",
-            AttemptEnd::Succeeded(AttemptRecord::default()),
-        );
+        succeed(&mut killed, "b");
         // The run dies: no close, its lock and running marks stay.
-        drop(killed);
-        forget_holder(&path);
+        abandon(killed, &path);
 
         let (mut store, started) = Store::open(&path, RULE, false).unwrap();
         let died = started.died.expect("the dead run is reported");
@@ -983,13 +987,8 @@ mod tests {
 
     #[test]
     fn other_key_rule_is_rejected() {
-        let dir = TempDir::new().unwrap();
-        let path = dir.path().join("journal.db");
-        Store::open(&path, RULE, false)
-            .unwrap()
-            .0
-            .close("completed")
-            .unwrap();
+        let (_dir, path) = new_journal();
+        create_closed(&path);
         let error = Store::open(&path, "other keys", false).unwrap_err();
         assert!(
             error
@@ -1001,8 +1000,7 @@ mod tests {
 
     #[test]
     fn fenced_success_is_recorded() {
-        let dir = TempDir::new().unwrap();
-        let path = dir.path().join("journal.db");
+        let (_dir, path) = new_journal();
         let (mut store, _) = Store::open(&path, RULE, false).unwrap();
         claim_one(&mut store, "a", 1);
         assert_eq!(stored_fence(&path, "a"), None);
@@ -1014,9 +1012,8 @@ mod tests {
     }
 
     #[test]
-    fn stale_fenced_commit_is_refused() {
-        let dir = TempDir::new().unwrap();
-        let path = dir.path().join("journal.db");
+    fn stale_fenced_commit_is_rejected() {
+        let (_dir, path) = new_journal();
         let (mut store, _) = Store::open(&path, RULE, false).unwrap();
         claim_one(&mut store, "a", 1);
         store.apply(&[Op::SetFence("a".to_owned(), 7)]).unwrap();
@@ -1028,49 +1025,42 @@ mod tests {
         let op = Op::StartAttempt("a".to_owned(), Some(9));
         assert_eq!(store.apply(&[op]).unwrap(), [Reply::Attempt(2)]);
 
-        let refused = Commit::Refused {
+        let rejected = Commit::Rejected {
             fence: 7,
             stored: Some(9),
         };
-        assert_eq!(finish_fenced(&mut store, "a", 7), refused);
+        assert_eq!(finish_fenced(&mut store, "a", 7), rejected);
         assert_eq!(row(&path, "a").0, "running");
         assert_eq!(finish_fenced(&mut store, "a", 9), Commit::Recorded);
         assert_eq!(row(&path, "a").0, "done");
     }
 
     #[test]
-    fn fenced_commit_after_other_claim_is_refused() {
-        let dir = TempDir::new().unwrap();
-        let path = dir.path().join("journal.db");
+    fn fenced_commit_after_other_claim_is_rejected() {
+        let (_dir, path) = new_journal();
         let (mut killed, _) = Store::open(&path, RULE, false).unwrap();
         claim_one(&mut killed, "a", 1);
         killed.apply(&[Op::SetFence("a".to_owned(), 3)]).unwrap();
-        drop(killed);
-        forget_holder(&path);
+        abandon(killed, &path);
 
         // A later run claims the item again, which clears its fence.
         let (mut store, _) = Store::open(&path, RULE, false).unwrap();
         assert_eq!(claim_one(&mut store, "a", 1), Claim::Run { attempt: 2 });
         assert_eq!(stored_fence(&path, "a"), None);
-        let refused = Commit::Refused {
+        let rejected = Commit::Rejected {
             fence: 3,
             stored: None,
         };
-        assert_eq!(finish_fenced(&mut store, "a", 3), refused);
+        assert_eq!(finish_fenced(&mut store, "a", 3), rejected);
         assert_eq!(row(&path, "a").0, "running");
     }
 
     #[test]
     fn version_1_journal_is_migrated() {
-        let dir = TempDir::new().unwrap();
-        let path = dir.path().join("journal.db");
+        let (_dir, path) = new_journal();
         let (mut store, _) = Store::open(&path, RULE, false).unwrap();
         claim_one(&mut store, "a", 1);
-        finish(
-            &mut store,
-            "a",
-            AttemptEnd::Succeeded(AttemptRecord::default()),
-        );
+        succeed(&mut store, "a");
         store.close("completed").unwrap();
         // Turn the journal back into what version 1 wrote.
         let conn = Connection::open(&path).unwrap();
@@ -1099,13 +1089,8 @@ mod tests {
 
     #[test]
     fn unknown_schema_version_is_rejected() {
-        let dir = TempDir::new().unwrap();
-        let path = dir.path().join("journal.db");
-        Store::open(&path, RULE, false)
-            .unwrap()
-            .0
-            .close("completed")
-            .unwrap();
+        let (_dir, path) = new_journal();
+        create_closed(&path);
         let conn = Connection::open(&path).unwrap();
         conn.pragma_update(None, "user_version", 3).unwrap();
         drop(conn);

@@ -262,6 +262,20 @@ pub struct WorkerSpec {
 }
 
 impl WorkerSpec {
+    /// Returns a worker with `--max-run 1`, no journal and a limiter timeout
+    /// of 20 s, whose commands run the observer in `mode`.
+    fn new(label: &str, limiter: &str, items: Vec<(String, String)>, mode: Vec<String>) -> Self {
+        Self {
+            label: label.to_owned(),
+            limiter: limiter.to_owned(),
+            items,
+            max_run: 1,
+            journal: false,
+            mode,
+            limiter_timeout: "20s",
+        }
+    }
+
     /// Returns a worker whose commands sleep `seconds` each.
     pub fn sleeping(
         label: &str,
@@ -269,15 +283,8 @@ impl WorkerSpec {
         items: Vec<(String, String)>,
         seconds: f64,
     ) -> Self {
-        Self {
-            label: label.to_owned(),
-            limiter: limiter.to_owned(),
-            items,
-            max_run: 1,
-            journal: false,
-            mode: vec!["sleep".to_owned(), seconds.to_string()],
-            limiter_timeout: "20s",
-        }
+        let mode = vec!["sleep".to_owned(), seconds.to_string()];
+        Self::new(label, limiter, items, mode)
     }
 
     /// Returns a worker whose commands write one step record every 0.1 s: `first`
@@ -289,15 +296,8 @@ impl WorkerSpec {
         first: u32,
         later: u32,
     ) -> Self {
-        Self {
-            label: label.to_owned(),
-            limiter: limiter.to_owned(),
-            items,
-            max_run: 1,
-            journal: false,
-            mode: vec!["steps".to_owned(), first.to_string(), later.to_string()],
-            limiter_timeout: "20s",
-        }
+        let mode = vec!["steps".to_owned(), first.to_string(), later.to_string()];
+        Self::new(label, limiter, items, mode)
     }
 }
 
@@ -527,7 +527,7 @@ pub fn process(pid: u32) -> Option<Process> {
     })
 }
 
-/// Whether the process `pid` has exited (it is gone, or a zombie).
+/// Returns whether the process `pid` has exited (it is gone, or a zombie).
 pub fn has_exited(pid: u32) -> bool {
     process(pid).is_none_or(|process| process.state == 'Z')
 }
