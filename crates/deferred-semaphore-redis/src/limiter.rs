@@ -17,7 +17,7 @@ use crate::scripts::{
     self, key_field, AcquireReply, Namespace, QueuedCount, Scripts, DEFAULT_LEASE_MS,
 };
 use crate::stats::{Counters, Stats};
-use crate::wake::{run_subscriber, Gates, QueuedWait, Wakes};
+use crate::wake::{run_subscriber, Gates, QueuedWait, Wakes, SUBSCRIBE_STEP};
 use crate::{Holder, LimitChange, Limits, Options, MAX_LIMIT};
 
 /// The shortest lease [`RedisLimiter::set_limit`] accepts: the deadline
@@ -554,16 +554,22 @@ impl RedisLimiter {
             Arc::downgrade(&inner),
             inner.lease_shrunk.clone(),
         ));
+        let (subscribed, first_subscription) = tokio::sync::oneshot::channel();
         let subscriber = tokio::spawn(run_subscriber(
             client,
             inner.namespace.wake_channel(),
             inner.wakes.clone(),
+            subscribed,
         ));
         inner
             .tasks
             .lock()
             .expect("task list lock")
             .extend([heartbeat.abort_handle(), subscriber.abort_handle()]);
+        // A release published before the subscription holds would not wake
+        // this process's first waiter until its poll. Waiting is bounded:
+        // without a subscription the polls still serve every waiter.
+        let _ = tokio::time::timeout(SUBSCRIBE_STEP, first_subscription).await;
         Ok(Self { inner })
     }
 

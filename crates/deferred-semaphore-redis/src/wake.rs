@@ -125,16 +125,35 @@ impl Drop for WakeWatch {
     }
 }
 
+/// The longest one connection or subscription try may take, and the
+/// longest wait between tries.
+pub(crate) const SUBSCRIBE_STEP: Duration = Duration::from_secs(2);
+
 /// Keeps one subscription to `channel` and dispatches its messages. After
 /// each (re)subscription every waiter retries once, because messages sent
 /// while the subscription was down are lost.
-pub(crate) async fn run_subscriber(client: redis::Client, channel: String, wakes: Arc<Wakes>) {
-    const STEP: Duration = Duration::from_secs(2);
+///
+/// `subscribed` is sent once the first subscription holds, so that
+/// `connect` can return only when wake-ups reach this process.
+pub(crate) async fn run_subscriber(
+    client: redis::Client,
+    channel: String,
+    wakes: Arc<Wakes>,
+    subscribed: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut subscribed = Some(subscribed);
     let mut backoff = Duration::from_millis(100);
     loop {
-        if let Ok(Ok(mut pubsub)) = tokio::time::timeout(STEP, client.get_async_pubsub()).await {
-            if let Ok(Ok(())) = tokio::time::timeout(STEP, pubsub.subscribe(&channel)).await {
+        if let Ok(Ok(mut pubsub)) =
+            tokio::time::timeout(SUBSCRIBE_STEP, client.get_async_pubsub()).await
+        {
+            if let Ok(Ok(())) =
+                tokio::time::timeout(SUBSCRIBE_STEP, pubsub.subscribe(&channel)).await
+            {
                 backoff = Duration::from_millis(100);
+                if let Some(subscribed) = subscribed.take() {
+                    let _ = subscribed.send(());
+                }
                 wakes.dispatch("");
                 let mut messages = pubsub.on_message();
                 while let Some(message) = messages.next().await {
@@ -146,7 +165,7 @@ pub(crate) async fn run_subscriber(client: redis::Client, channel: String, wakes
         // NOTE: a half-open connection (no RST) keeps the stream silent
         // until the kernel gives up. Waiters still poll every poll_max.
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(STEP);
+        backoff = (backoff * 2).min(SUBSCRIBE_STEP);
     }
 }
 

@@ -442,6 +442,21 @@ async fn wait_calls(limiter: &RedisLimiter, calls: u64) {
     }
 }
 
+/// Waits up to 5 s until the global waiter queue of the namespace has
+/// `count` members.
+async fn wait_queued(server: &RedisServer, count: usize) {
+    let queue = Namespace::new(NS).unwrap().waiter_keys(None).queue;
+    let expected = format!(":{count}");
+    let start = Instant::now();
+    while server.command(&["ZCARD", &queue]).trim() != expected {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the waiter queue did not reach {count} members in 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Waits up to `limit` until the limiter has sent `calls` renew calls.
 async fn wait_renewals(limiter: &RedisLimiter, calls: u64, limit: Duration) {
     let start = Instant::now();
@@ -489,11 +504,15 @@ async fn wake_for_other_limiter_ignored() {
         async move { first.acquire_global().await.unwrap() }
     });
     wait_calls(&first, 1).await;
+    // The order of the waiters is the order their busy replies reach
+    // Redis, not the order the calls were sent.
+    wait_queued(&server, 1).await;
     let second_wait = tokio::spawn({
         let second = second.clone();
         async move { second.acquire_global().await.unwrap() }
     });
     wait_calls(&second, 1).await;
+    wait_queued(&server, 2).await;
 
     held.release().await.unwrap();
     let first_permit = tokio::time::timeout(Duration::from_secs(5), first_wait)
