@@ -571,11 +571,23 @@ where
                         // on the same full limit.
                         if !state.lease_wait_reported {
                             state.lease_wait_reported = true;
-                            let url = fleet.map(|fleet| fleet.url()).unwrap_or_default();
+                            let (url, grace) = match fleet {
+                                Some(fleet) => (fleet.url(), fleet.grace_left().await),
+                                None => (String::new(), None),
+                            };
+                            let why = match grace {
+                                Some(left) => format!(
+                                    "the name grants nothing for {} more, as a new name \
+                                     or one whose data Redis lost waits one lease time",
+                                    format_duration(left)
+                                ),
+                                None => format!(
+                                    "its limit is full; `backlog limits {url}` shows the \
+                                     holders"
+                                ),
+                            };
                             let text = format!(
-                                "item {index}: waiting over {} for a lease on {url}: its \
-                                 limit is full or the name is in its grace time; \
-                                 `backlog limits {url}` shows the holders",
+                                "item {index}: waiting over {} for a lease on {url}: {why}",
                                 format_duration(*waited)
                             );
                             state.sinks.progress.note(text);

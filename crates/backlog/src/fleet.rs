@@ -83,6 +83,12 @@ pub trait SharedLimiter {
 
     /// Returns the limiter's URL without its password, for messages.
     fn url(&self) -> String;
+
+    /// Returns how long the shared limits still grant nothing after their
+    /// state was created or lost, when that is known; `None` otherwise.
+    fn grace_left(&self) -> LocalBoxFuture<'_, Option<Duration>> {
+        Box::pin(async { None })
+    }
 }
 
 /// The shared limiter of `--limiter`, connected to Redis.
@@ -312,6 +318,11 @@ impl Lease for RedisPermit {
 }
 
 impl SharedLimiter for RedisFleet {
+    fn grace_left(&self) -> LocalBoxFuture<'_, Option<Duration>> {
+        // Only a message depends on it, so an error reads as no grace.
+        Box::pin(async { self.limiter.grace_left().await.ok().flatten() })
+    }
+
     fn acquire<'a>(&'a self, key: Option<&'a str>) -> Acquire<'a> {
         Box::pin(async move {
             let granted = match key {

@@ -289,3 +289,32 @@ fn finished_run_releases_its_leases_and_reports_grace() {
     let held = server.command(&["ZCARD", "dsr:{rel}:h"]);
     assert_eq!(held.trim(), ":0", "leases left after the run: {held:?}");
 }
+
+#[test]
+fn run_says_why_it_waits_in_grace() {
+    let Some(server) = redis() else { return };
+    let url = limiter_url(&server, "grace");
+    // A new name grants nothing for one lease: 7 s, longer than the 5 s
+    // after which a run says why it waits.
+    set_limits(&url, &["--lease", "7s", "--global", "1"]);
+    let output = Command::new(backlog_bin())
+        .args(["run", "--limiter", &url, "-", "--", "true"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write as _;
+            child.stdin.take().unwrap().write_all(b"1\n")?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    let stderr = stderr_of(&output);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "waiting over 5s for a lease on {url}: the name grants nothing for "
+        )),
+        "{stderr}"
+    );
+}
