@@ -14,16 +14,21 @@ use crate::error::{redact_url, CallError, Error};
 use crate::lease::{deadline_after, renew_all, run_heartbeat, LeaseState, Timing};
 use crate::permit::RedisPermit;
 use crate::scripts::{
-    self, key_field, AcquireReply, Namespace, QueuedCount, Scripts, DEFAULT_LEASE_MS,
+    self, key_field, AcquireReply, AcquireRequest, Namespace, QueuedCount, Scripts,
+    DEFAULT_LEASE_MS,
 };
 use crate::stats::{Counters, Stats};
-use crate::wake::{run_subscriber, Gates, QueuedWait, Wakes, SUBSCRIBE_STEP};
+use crate::wake::{run_subscriber, Entry, Gates, QueuedWait, Wakes, SUBSCRIBE_STEP};
 use crate::{Holder, LimitChange, Limits, Options, MAX_LIMIT};
 
 /// The shortest lease [`RedisLimiter::set_limit`] accepts: the deadline
 /// margin is at least 100 ms, so a shorter lease leaves holders almost no
 /// time.
 const MIN_LEASE: Duration = Duration::from_millis(200);
+
+/// The maximum number of leases one acquire call asks for: the caller's
+/// own and one for each local waiter behind it at its gate.
+const MAX_BATCH: usize = 16;
 
 /// The marker in `global_limit` for "no global limit known".
 const NO_LIMIT: u64 = u64::MAX;
@@ -225,31 +230,36 @@ impl Inner {
     /// Sends one acquire call. Runs in its own task, so that a grant for a
     /// cancelled acquire still becomes a permit, which releases itself.
     ///
-    /// With `queue_next`, a grant that fills a count queues this limiter
-    /// in Redis as that count's next waiter (see
-    /// [`Scripts::acquire_waiting`]).
+    /// `followers` is the number of local waiters behind the caller at its
+    /// gate. The call requests a lease for each of them too (up to
+    /// [`MAX_BATCH`] in all), and a grant that leaves a count full with
+    /// followers still unserved queues this limiter in Redis as that
+    /// count's next waiter (see [`Scripts::acquire_batch`]).
     async fn call_acquire(
         self: Arc<Self>,
         key: Option<String>,
-        queue_next: bool,
+        followers: usize,
     ) -> Result<Attempt, CallError> {
         let lease_id = new_id();
+        let extra_ids: Vec<String> = (0..followers.min(MAX_BATCH - 1))
+            .map(|_| new_id())
+            .collect();
         let mut con = self.con.clone();
         let sent = Instant::now();
         self.counters.acquire_calls.fetch_add(1, Ordering::Relaxed);
+        let request = AcquireRequest {
+            lease_id: &lease_id,
+            extra_lease_ids: &extra_ids,
+            holder: &self.options.holder,
+            key: key.as_deref(),
+            token: &self.token,
+            fallback_lease: self.fallback_lease(),
+            waiter_ttl: self.options.poll_max.saturating_mul(3),
+            followers,
+        };
         let outcome = self
             .scripts
-            .acquire_waiting(
-                &mut con,
-                &self.namespace,
-                &lease_id,
-                &self.options.holder,
-                key.as_deref(),
-                &self.token,
-                self.fallback_lease(),
-                self.options.poll_max.saturating_mul(3),
-                queue_next,
-            )
+            .acquire_batch(&mut con, &self.namespace, &request)
             .await?;
         Ok(match outcome.reply {
             AcquireReply::Granted {
@@ -261,30 +271,22 @@ impl Inner {
             } => {
                 self.set_lease(lease);
                 self.set_global(Some(global_limit));
-                let state = Arc::new(LeaseState::new(
-                    lease_id.clone(),
-                    key,
-                    fence,
-                    epoch,
-                    Timing {
-                        deadline: deadline_after(sent, lease),
-                        lease,
-                        expiry_ms,
-                    },
-                    self.counters.clone(),
-                ));
-                self.leases
-                    .lock()
-                    .expect("lease map lock")
-                    .insert(lease_id, Arc::downgrade(&state));
-                self.counters.grants.fetch_add(1, Ordering::Relaxed);
-                let permit = RedisPermit {
-                    state,
-                    inner: self.clone(),
-                    released: false,
+                let timing = Timing {
+                    deadline: deadline_after(sent, lease),
+                    lease,
+                    expiry_ms,
                 };
+                let permit = self.new_permit(lease_id, key.clone(), fence, epoch.clone(), timing);
+                let extra = extra_ids
+                    .into_iter()
+                    .zip(outcome.extra_fences)
+                    .map(|(id, fence)| {
+                        self.new_permit(id, key.clone(), fence, epoch.clone(), timing)
+                    })
+                    .collect();
                 Attempt::Granted {
                     permit,
+                    extra,
                     queued_next: outcome.queued_next,
                 }
             }
@@ -308,11 +310,42 @@ impl Inner {
             AcquireReply::NoLimit => Attempt::NoLimit,
         })
     }
+
+    /// Registers a granted lease for the heartbeat and wraps it in a permit.
+    fn new_permit(
+        self: &Arc<Self>,
+        lease_id: String,
+        key: Option<String>,
+        fence: u64,
+        epoch: String,
+        timing: Timing,
+    ) -> RedisPermit {
+        let state = Arc::new(LeaseState::new(
+            lease_id.clone(),
+            key,
+            fence,
+            epoch,
+            timing,
+            self.counters.clone(),
+        ));
+        self.leases
+            .lock()
+            .expect("lease map lock")
+            .insert(lease_id, Arc::downgrade(&state));
+        self.counters.grants.fetch_add(1, Ordering::Relaxed);
+        RedisPermit {
+            state,
+            inner: self.clone(),
+            released: false,
+        }
+    }
 }
 
 enum Attempt {
     Granted {
         permit: RedisPermit,
+        /// The permits granted with `permit` for the caller's followers.
+        extra: Vec<RedisPermit>,
         queued_next: Option<QueuedCount>,
     },
     Busy {
@@ -330,7 +363,7 @@ enum Attempt {
 async fn try_once(
     inner: &Arc<Inner>,
     key: Option<String>,
-    queue_next: bool,
+    followers: usize,
 ) -> Result<Attempt, CallError> {
     let (sender, receiver) = oneshot::channel();
     let task_inner = inner.clone();
@@ -338,9 +371,9 @@ async fn try_once(
     // released by this task, and an exit must wait for it too.
     inner.releases.start();
     tokio::spawn(async move {
-        // When the caller no longer waits, the permit in the reply is
-        // dropped here and releases its lease.
-        let reply = task_inner.clone().call_acquire(key, queue_next).await;
+        // When the caller no longer waits, the permits in the reply are
+        // dropped here and release their leases.
+        let reply = task_inner.clone().call_acquire(key, followers).await;
         let _ = sender.send(reply);
         task_inner.releases.finish();
     });
@@ -358,14 +391,19 @@ async fn try_once(
 /// then tries Redis until granted, sleeping between tries until a wake-up,
 /// the script's retry hint or `poll_max`.
 ///
-/// The first try goes at once, unless the previous task at the gate left
-/// this process queued in Redis for a full count. In that case it first
-/// waits for its name on the wake channel, or `poll_max` at most.
+/// A task whose turn comes while an earlier task's batch left a permit at
+/// the gate takes that permit without a try. Otherwise the first try goes
+/// at once, unless the previous task at the gate left this process queued
+/// in Redis for a full count. In that case it first waits for its name on
+/// the wake channel, or `poll_max` at most.
 async fn acquire(inner: Arc<Inner>, key: Option<String>) -> Result<RedisPermit, Error> {
     if let Some(key) = &key {
         validate_key(key)?;
     }
-    let gate = inner.gates.enter(key.as_deref()).await;
+    let mut gate = match inner.gates.enter(key.as_deref()).await {
+        Entry::Granted(permit) => return Ok(permit),
+        Entry::Turn(gate) => gate,
+    };
     let poll_max = inner.options.poll_max;
     if let Some(mut queued) = gate.take_queued() {
         queued.wake.wait(queued.global_full, jitter(poll_max)).await;
@@ -393,11 +431,13 @@ async fn acquire(inner: Arc<Inner>, key: Option<String>) -> Result<RedisPermit, 
         }
         check_server = false;
         let mut wake = inner.wakes.watch(key.as_deref());
-        let error = match try_once(&inner, key.clone(), gate.has_followers()).await {
+        let error = match try_once(&inner, key.clone(), gate.followers()).await {
             Ok(Attempt::Granted {
                 permit,
+                extra,
                 queued_next,
             }) => {
+                gate.pass_grants(extra);
                 if let Some(count) = queued_next {
                     gate.hand_over(QueuedWait {
                         wake,

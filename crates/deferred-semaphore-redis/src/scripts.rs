@@ -261,9 +261,11 @@ end
 "#;
 
 /// KEYS: meta, limits, global set, lease hash, the global waiter queue (3
-/// keys), then for a key: key set and its waiter queue (3 keys).
+/// keys), then for a key: key set and its waiter queue (3 keys), then the
+/// lease hash of each extra lease id.
 /// ARGV: lease id, holder, key or '', token, fallback lease ms, hint cap ms,
-/// waiter TTL ms, wake channel, '1' to queue the next waiter.
+/// waiter TTL ms, wake channel, the number of local waiters behind the
+/// caller, then the extra lease ids of a batch.
 ///
 /// NOTE: this script does not compare the server's run id, because `INFO`
 /// costs about as much as the whole script. After a restart from an older
@@ -272,16 +274,26 @@ end
 /// Returns {status, value, epoch, lease_ms, global limit or -1, extra}:
 /// status 0 granted (value = fence, extra = expiry, then a seventh item:
 /// 1 or 2 when the grant queued the next waiter for the global or the
-/// key's count, else 0), 1 busy (value = retry hint ms, extra = 1 when the
-/// global count is full), 2 grace (value = wait ms), 3 no global limit.
+/// key's count, else 0, and an eighth item: the fences of the extra leases
+/// granted, in the order of their ids), 1 busy (value = retry hint ms,
+/// extra = 1 when the global count is full), 2 grace (value = wait ms),
+/// 3 no global limit.
 ///
 /// A busy reply queues `token:key` as a waiter of the count that blocked it
 /// (the global count when both are full) and removes it from the other
-/// queue. A grant removes it from both. With '1' in ARGV[9], a grant that
-/// fills a count queues the member again at once, for the caller's next
-/// local waiter, which then waits for its name instead of a try that would
-/// be busy. Leases found expired here free room, and that room names
-/// waiters as a release does.
+/// queue. A grant removes it from both.
+///
+/// A grant also takes the first extra lease ids while both counts have
+/// room, but no more leases in all than the free places divided by one
+/// plus the number of live waiters of other limiters queued for these
+/// counts (at least the caller's one lease). Each lease gets its own fence,
+/// one above the one before.
+///
+/// When more local waiters stand behind the caller than the grant took
+/// extra leases for, a grant that fills a count queues the member again at
+/// once, for the caller's next local waiter, which then waits for its name
+/// instead of a try that would be busy. Leases found expired here free
+/// room, and that room names waiters as a release does.
 const ACQUIRE: &str = r#"
 local now, now_us = server_now()
 local lease = lease_of(KEYS[2], tonumber(ARGV[5]))
@@ -338,21 +350,48 @@ if not (global_room and key_room) then
   return {1, hint, epoch, lease, global, global_full}
 end
 forget_waiter(global_waiters, member)
-local new_fence = math.max(fence + 1, now_us)
-redis.call('HSET', KEYS[1], 'fence', int(new_fence))
-local expiry = now + lease
-redis.call('ZADD', KEYS[3], expiry, ARGV[1])
-extend_ttl(KEYS[3], lease + 1000)
-if keyed then
-  forget_waiter(key_waiters, member)
-  redis.call('ZADD', KEYS[8], expiry, ARGV[1])
-  extend_ttl(KEYS[8], lease + 1000)
+if keyed then forget_waiter(key_waiters, member) end
+-- The batch size: the lease ids given, cut to the free places and to a
+-- fair share when other limiters wait for these counts.
+local extra_ids = #ARGV - 9
+local batch = 1
+if extra_ids > 0 then
+  local free = global - redis.call('ZCARD', KEYS[3])
+  if keyed and limit then
+    free = math.min(free, limit - redis.call('ZCARD', KEYS[8]))
+  end
+  local own = ARGV[4] .. ':'
+  local others = 0
+  local queues = {global_waiters}
+  if keyed then queues[2] = key_waiters end
+  for _, w in ipairs(queues) do
+    for _, m in ipairs(redis.call('ZRANGEBYSCORE', w[2], '(' .. int(now), '+inf', 'LIMIT', 0, 100)) do
+      if string.sub(m, 1, #own) ~= own then others = others + 1 end
+    end
+  end
+  batch = math.max(1, math.min(1 + extra_ids, math.floor(free / (1 + others))))
 end
-redis.call('HSET', KEYS[4], 'holder', ARGV[2], 'fence', int(new_fence), 'acquired_at', int(now), 'key', ARGV[3])
-redis.call('PEXPIRE', KEYS[4], lease)
+local expiry = now + lease
+local first_fence = math.max(fence + 1, now_us)
+local first_key = 8
+if keyed then first_key = 12 end
+local fences = {}
+for i = 1, batch do
+  local id, info = ARGV[1], KEYS[4]
+  if i > 1 then id, info = ARGV[8 + i], KEYS[first_key + i - 2] end
+  local lease_fence = first_fence + i - 1
+  redis.call('ZADD', KEYS[3], expiry, id)
+  if keyed then redis.call('ZADD', KEYS[8], expiry, id) end
+  redis.call('HSET', info, 'holder', ARGV[2], 'fence', int(lease_fence), 'acquired_at', int(now), 'key', ARGV[3])
+  redis.call('PEXPIRE', info, lease)
+  if i > 1 then fences[#fences + 1] = lease_fence end
+end
+redis.call('HSET', KEYS[1], 'fence', int(first_fence + batch - 1))
+extend_ttl(KEYS[3], lease + 1000)
+if keyed then extend_ttl(KEYS[8], lease + 1000) end
 wake_reaped()
 local queued = 0
-if ARGV[9] == '1' then
+if tonumber(ARGV[9]) >= batch then
   local ttl = tonumber(ARGV[7])
   if redis.call('ZCARD', KEYS[3]) >= global then
     add_waiter(global_waiters, member, now, ttl)
@@ -362,7 +401,7 @@ if ARGV[9] == '1' then
     queued = 2
   end
 end
-return {0, new_fence, epoch, lease, global, expiry, queued}
+return {0, first_fence, epoch, lease, global, expiry, queued, fences}
 "#;
 
 /// KEYS: meta, limits, global set, then per lease: lease hash, key set (the
@@ -550,6 +589,32 @@ pub struct AcquireOutcome {
     /// The count whose waiter queue the grant put the caller's member in,
     /// when it asked for that and the grant left the count full.
     pub queued_next: Option<QueuedCount>,
+    /// The fences of the extra leases a grant took, one per extra lease id
+    /// from the first, each above the one before. Empty for a single grant
+    /// and for every other reply.
+    pub extra_fences: Vec<u64>,
+}
+
+/// One try of [`Scripts::acquire_batch`].
+#[derive(Debug, Clone, Copy)]
+pub struct AcquireRequest<'a> {
+    /// The lease id of the caller's own lease.
+    pub lease_id: &'a str,
+    /// Lease ids for the local waiters behind the caller, taken in order
+    /// while the counts have room.
+    pub extra_lease_ids: &'a [String],
+    /// The holder name stored with each lease.
+    pub holder: &'a str,
+    /// The limited key, or `None` for the global count only.
+    pub key: Option<&'a str>,
+    /// The caller's limiter token, which names it in the waiter queues.
+    pub token: &'a str,
+    /// The lease to use when the limits hash stores none.
+    pub fallback_lease: Duration,
+    /// How long a busy reply keeps the caller queued.
+    pub waiter_ttl: Duration,
+    /// The number of local waiters behind the caller.
+    pub followers: usize,
 }
 
 /// The count a member was queued for.
@@ -674,30 +739,76 @@ impl Scripts {
         waiter_ttl: Duration,
         queue_next: bool,
     ) -> Result<AcquireOutcome, redis::RedisError> {
+        let request = AcquireRequest {
+            lease_id,
+            extra_lease_ids: &[],
+            holder,
+            key,
+            token,
+            fallback_lease,
+            waiter_ttl,
+            followers: usize::from(queue_next),
+        };
+        self.acquire_batch(con, namespace, &request).await
+    }
+
+    /// Tries once to acquire as [`acquire_waiting`](Self::acquire_waiting)
+    /// does, and on a grant also takes leases for as many of
+    /// `request.extra_lease_ids` (from the first) as both counts have room
+    /// for, within a fair share when other limiters are queued for these
+    /// counts. [`AcquireOutcome::extra_fences`] returns their fences.
+    ///
+    /// A grant that leaves a count full queues the member for the next
+    /// local waiter when `request.followers` is at least the number of
+    /// leases granted.
+    pub async fn acquire_batch<C: ConnectionLike>(
+        &self,
+        con: &mut C,
+        namespace: &Namespace,
+        request: &AcquireRequest<'_>,
+    ) -> Result<AcquireOutcome, redis::RedisError> {
+        let AcquireRequest {
+            lease_id,
+            extra_lease_ids,
+            holder,
+            key,
+            token,
+            ..
+        } = *request;
         let mut call = self.acquire.prepare_invoke();
         call.key(namespace.meta_key())
             .key(namespace.limits_key())
             .key(namespace.holders_key(None))
             .key(namespace.lease_key(lease_id));
         add_queue_keys(&mut call, namespace, key);
+        for extra in extra_lease_ids {
+            call.key(namespace.lease_key(extra));
+        }
         call.arg(lease_id)
             .arg(holder)
             .arg(key.unwrap_or(""))
             .arg(token)
-            .arg(millis(fallback_lease))
+            .arg(millis(request.fallback_lease))
             .arg(HINT_CAP_MS)
-            .arg(millis(waiter_ttl).max(1))
+            .arg(millis(request.waiter_ttl).max(1))
             .arg(namespace.wake_channel())
-            .arg(if queue_next { "1" } else { "0" });
+            .arg(request.followers);
+        for extra in extra_lease_ids {
+            call.arg(extra);
+        }
         let reply: Value = call.invoke_async(con).await?;
         match parse_acquire(&reply) {
-            Some(parsed) => Ok(parsed),
-            None => {
-                // The script may have granted the lease before its reply
-                // turned out unreadable: take it back rather than leave it
-                // held until it expires.
-                let lease = LeaseRef { lease_id, key };
-                let _ = self.release(con, namespace, lease).await;
+            Some(parsed) if parsed.extra_fences.len() <= extra_lease_ids.len() => Ok(parsed),
+            _ => {
+                // The script may have granted the leases before its reply
+                // turned out unreadable: take them back rather than leave
+                // them held until they expire.
+                let ids =
+                    std::iter::once(lease_id).chain(extra_lease_ids.iter().map(String::as_str));
+                for id in ids {
+                    let lease = LeaseRef { lease_id: id, key };
+                    let _ = self.release(con, namespace, lease).await;
+                }
                 Err(unexpected("acquire", &reply))
             }
         }
@@ -891,13 +1002,16 @@ fn parse_acquire(reply: &Value) -> Option<AcquireOutcome> {
     let Value::Array(items) = reply else {
         return None;
     };
-    let (status, value, epoch, lease, global, extra, queued) = match items.as_slice() {
+    let (status, value, epoch, lease, global, extra) = match items.get(..6)? {
         [status, value, epoch, lease, global, extra] => {
-            (status, value, epoch, lease, global, extra, None)
+            (status, value, epoch, lease, global, extra)
         }
-        [status, value, epoch, lease, global, extra, queued] => {
-            (status, value, epoch, lease, global, extra, Some(queued))
-        }
+        _ => return None,
+    };
+    let (queued, fences) = match &items[6..] {
+        [] => (None, None),
+        [queued] => (Some(queued), None),
+        [queued, fences] => (Some(queued), Some(fences)),
         _ => return None,
     };
     let queued_next = match queued.map(int).unwrap_or(Some(0))? {
@@ -905,6 +1019,11 @@ fn parse_acquire(reply: &Value) -> Option<AcquireOutcome> {
         1 => Some(QueuedCount::Global),
         2 => Some(QueuedCount::Key),
         _ => return None,
+    };
+    let extra_fences = match fences {
+        None => Vec::new(),
+        Some(Value::Array(fences)) => fences.iter().map(uint).collect::<Option<Vec<u64>>>()?,
+        Some(_) => return None,
     };
     let lease = Duration::from_millis(uint(lease)?);
     let global_limit = uint(global);
@@ -929,7 +1048,11 @@ fn parse_acquire(reply: &Value) -> Option<AcquireOutcome> {
         3 => AcquireReply::NoLimit,
         _ => return None,
     };
-    Some(AcquireOutcome { reply, queued_next })
+    Some(AcquireOutcome {
+        reply,
+        queued_next,
+        extra_fences,
+    })
 }
 
 fn parse_renew(reply: &Value, count: usize) -> Option<RenewReply> {

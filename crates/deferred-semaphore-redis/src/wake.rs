@@ -2,12 +2,14 @@
 //! channel to local waiters, and a local FIFO gate per key lets one task
 //! per process and key poll Redis.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{oneshot, watch};
+
+use crate::permit::RedisPermit;
 
 /// Wake-up signals for local waiters: one per gate (the global acquire or
 /// one key) with a waiter, and one for "any capacity grew".
@@ -173,16 +175,29 @@ pub(crate) async fn run_subscriber(
 /// others queue here in arrival order.
 #[derive(Debug, Default)]
 pub(crate) struct Gates {
-    map: Mutex<HashMap<Option<String>, Arc<GateState>>>,
+    map: Mutex<HashMap<Option<String>, GateState>>,
 }
 
-#[derive(Debug)]
+/// The state of a gate whose turn a task holds. A gate whose turn is free
+/// has no entry in the map.
+#[derive(Debug, Default)]
 struct GateState {
-    turn: Semaphore,
+    /// The tasks waiting at the gate, oldest first. A sender whose
+    /// receiver is closed belongs to a task that gave up.
+    waiters: VecDeque<oneshot::Sender<Handoff>>,
     /// The wait left by a grant that queued the gate in Redis as the next
     /// waiter of a full count: the next task at the gate waits for its name
     /// before its first try.
-    queued: Mutex<Option<QueuedWait>>,
+    queued: Option<QueuedWait>,
+}
+
+/// What a waiting task receives when it leaves the queue of a gate.
+#[derive(Debug)]
+enum Handoff {
+    /// The turn to try Redis.
+    Turn,
+    /// A permit granted in one batch with an earlier task's permit.
+    Grant(RedisPermit),
 }
 
 /// A wait for a named wake-up, handed from one task at a gate to the next.
@@ -192,76 +207,161 @@ pub(crate) struct QueuedWait {
     pub(crate) global_full: bool,
 }
 
+/// The result of entering a gate.
+#[derive(Debug)]
+pub(crate) enum Entry {
+    /// The task holds the turn and tries Redis.
+    Turn(Gate),
+    /// An earlier task's batch granted this permit for the task.
+    Granted(RedisPermit),
+}
+
 impl Gates {
-    pub(crate) async fn enter(self: &Arc<Self>, key: Option<&str>) -> Gate {
-        let state = {
+    /// Waits for the turn at the gate of `key` or for a permit from an
+    /// earlier task's batch, in order of arrival.
+    pub(crate) async fn enter(self: &Arc<Self>, key: Option<&str>) -> Entry {
+        let gate_key = key.map(str::to_owned);
+        let receiver = {
             let mut map = self.map.lock().expect("gate map lock");
-            map.entry(key.map(str::to_owned))
-                .or_insert_with(|| {
-                    Arc::new(GateState {
-                        turn: Semaphore::new(1),
-                        queued: Mutex::new(None),
-                    })
-                })
-                .clone()
+            let Some(state) = map.get_mut(&gate_key) else {
+                map.insert(gate_key.clone(), GateState::default());
+                return Entry::Turn(self.gate(gate_key));
+            };
+            let (sender, receiver) = oneshot::channel();
+            state.waiters.push_back(sender);
+            receiver
         };
-        let mut gate = Gate {
+        let mut waiting = Waiting {
             gates: self.clone(),
-            key: key.map(str::to_owned),
-            state,
-            permit: None,
+            key: gate_key.clone(),
+            receiver,
         };
-        // The semaphore is never closed.
-        gate.permit = gate.state.turn.acquire().await.ok().map(|permit| {
-            permit.forget();
-            TurnPermit
-        });
-        gate
+        match (&mut waiting.receiver).await {
+            Ok(Handoff::Grant(permit)) => Entry::Granted(permit),
+            // A sender is only dropped unsent when the limiter is gone, so
+            // taking the turn then is harmless.
+            Ok(Handoff::Turn) | Err(_) => Entry::Turn(self.gate(gate_key)),
+        }
+    }
+
+    fn gate(self: &Arc<Self>, key: Option<String>) -> Gate {
+        Gate {
+            gates: self.clone(),
+            key,
+            grants: Vec::new(),
+        }
+    }
+
+    /// Hands `grants` to the oldest waiting tasks, one each, then the turn
+    /// to the next one, or frees the gate when no task waits. Returns the
+    /// grants that no task took.
+    fn pass_on(
+        &self,
+        key: &Option<String>,
+        grants: Vec<RedisPermit>,
+        turn: bool,
+    ) -> Vec<RedisPermit> {
+        let mut map = self.map.lock().expect("gate map lock");
+        let Some(state) = map.get_mut(key) else {
+            return grants;
+        };
+        let mut unused = Vec::new();
+        for permit in grants {
+            if let Some(Handoff::Grant(permit)) =
+                send_to_next(&mut state.waiters, Handoff::Grant(permit))
+            {
+                unused.push(permit);
+            }
+        }
+        if turn && send_to_next(&mut state.waiters, Handoff::Turn).is_some() {
+            map.remove(key);
+        }
+        unused
     }
 }
 
-/// Marker of the gate's single turn, which [`Gate`] gives back on drop.
-#[derive(Debug)]
-struct TurnPermit;
+/// Sends `handoff` to the oldest waiter that still waits, and returns it
+/// when none does.
+fn send_to_next(
+    waiters: &mut VecDeque<oneshot::Sender<Handoff>>,
+    mut handoff: Handoff,
+) -> Option<Handoff> {
+    while let Some(waiter) = waiters.pop_front() {
+        match waiter.send(handoff) {
+            Ok(()) => return None,
+            Err(back) => handoff = back,
+        }
+    }
+    Some(handoff)
+}
 
-/// The turn of one waiter at its key's gate. The next waiter goes when it
-/// is dropped.
+/// A task waiting at a gate. When it gives up, a turn or grant already sent
+/// to it passes on to the next task.
+struct Waiting {
+    gates: Arc<Gates>,
+    key: Option<String>,
+    receiver: oneshot::Receiver<Handoff>,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.receiver.close();
+        let unused = match self.receiver.try_recv() {
+            Ok(Handoff::Turn) => self.gates.pass_on(&self.key, Vec::new(), true),
+            Ok(Handoff::Grant(permit)) => self.gates.pass_on(&self.key, vec![permit], false),
+            Err(_) => Vec::new(),
+        };
+        // Each permit releases its lease in the background.
+        drop(unused);
+    }
+}
+
+/// The turn of one task at its key's gate. The next task goes when it is
+/// dropped.
 #[derive(Debug)]
 pub(crate) struct Gate {
     gates: Arc<Gates>,
     key: Option<String>,
-    state: Arc<GateState>,
-    permit: Option<TurnPermit>,
+    /// Permits for the next tasks at the gate, handed out on drop.
+    grants: Vec<RedisPermit>,
 }
 
 impl Gate {
-    /// Returns whether other tasks wait at this gate. Only they, the map and
-    /// this turn own its state, so a count above 2 means followers.
-    pub(crate) fn has_followers(&self) -> bool {
-        Arc::strong_count(&self.state) > 2
+    /// Returns the number of other tasks waiting at this gate.
+    pub(crate) fn followers(&self) -> usize {
+        let map = self.gates.map.lock().expect("gate map lock");
+        map.get(&self.key).map_or(0, |state| {
+            state.waiters.iter().filter(|w| !w.is_closed()).count()
+        })
     }
 
     /// Leaves `wait` for the next task at this gate.
     pub(crate) fn hand_over(&self, wait: QueuedWait) {
-        *self.state.queued.lock().expect("gate wait lock") = Some(wait);
+        let mut map = self.gates.map.lock().expect("gate map lock");
+        if let Some(state) = map.get_mut(&self.key) {
+            state.queued = Some(wait);
+        }
     }
 
     /// Takes the wait left by the previous task, if any.
     pub(crate) fn take_queued(&self) -> Option<QueuedWait> {
-        self.state.queued.lock().expect("gate wait lock").take()
+        let mut map = self.gates.map.lock().expect("gate map lock");
+        map.get_mut(&self.key).and_then(|state| state.queued.take())
+    }
+
+    /// Keeps `permits` for the next tasks at this gate, one each, handed
+    /// out when this turn ends. Those that no task takes are dropped, and so
+    /// released.
+    pub(crate) fn pass_grants(&mut self, permits: Vec<RedisPermit>) {
+        self.grants.extend(permits);
     }
 }
 
 impl Drop for Gate {
     fn drop(&mut self) {
-        let mut map = self.gates.map.lock().expect("gate map lock");
-        if self.permit.take().is_some() {
-            self.state.turn.add_permits(1);
-        }
-        // Only the map and this turn own the state, so no task waits at this
-        // gate.
-        if Arc::strong_count(&self.state) == 2 {
-            map.remove(&self.key);
-        }
+        let grants = std::mem::take(&mut self.grants);
+        let unused = self.gates.pass_on(&self.key, grants, true);
+        // Each permit releases its lease in the background.
+        drop(unused);
     }
 }

@@ -706,3 +706,73 @@ async fn unreadable_grant_is_released() {
     }
     assert_eq!(count(&server, None), ":0", "the grant was left held");
 }
+
+/// Returns the server's clock in milliseconds since the epoch.
+fn server_now_ms(server: &RedisServer) -> u64 {
+    let reply = server.command(&["TIME"]);
+    let numbers: Vec<u64> = reply
+        .lines()
+        .filter(|line| !line.starts_with('*') && !line.starts_with('$'))
+        .map(|line| line.trim().parse().unwrap())
+        .collect();
+    numbers[0] * 1000 + numbers[1] / 1000
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_grants_for_gone_waiters_released() {
+    let lease = Duration::from_secs(10);
+    let Some((server, limiter)) = start(Persistence::None, lease, 4).await else {
+        return;
+    };
+    // Four leases of another process fill the count and expire in 1.5 s.
+    let expiry = (server_now_ms(&server) + 1500).to_string();
+    let set = namespace().holders_key(None);
+    for id in ["x1", "x2", "x3", "x4"] {
+        server.command(&["ZADD", &set, &expiry, id]);
+    }
+    // The first task at the gate is busy and keeps the gate's turn.
+    let first = tokio::spawn({
+        let limiter = limiter.clone();
+        async move { limiter.acquire_global().await }
+    });
+    wait_calls(&limiter, 1).await;
+    let next = tokio::spawn({
+        let limiter = limiter.clone();
+        async move { limiter.acquire_global().await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let followers: Vec<JoinHandle<_>> = (0..3)
+        .map(|_| {
+            let limiter = limiter.clone();
+            tokio::spawn(async move { limiter.acquire_global().await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // With the server paused, the turn passes to `next`, whose call requests
+    // four leases. The three tasks behind it give up before the reply.
+    server.pause();
+    first.abort();
+    assert!(first.await.unwrap_err().is_cancelled());
+    wait_calls(&limiter, 2).await;
+    for follower in followers {
+        follower.abort();
+        assert!(follower.await.unwrap_err().is_cancelled());
+    }
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    server.resume();
+
+    let permit = tokio::time::timeout(Duration::from_secs(10), next)
+        .await
+        .expect("the acquire ends within 10 s")
+        .unwrap()
+        .unwrap();
+    limiter.wait_for_releases().await;
+    assert_eq!(limiter.stats().grants, 4, "one call granted four leases");
+    assert_eq!(count(&server, None), ":1");
+    let holders = limiter.holders().await.unwrap();
+    assert_eq!(holders.len(), 1);
+    assert_eq!(holders[0].lease_id, permit.lease_id());
+    drop(permit);
+    wait_empty(&server, None, Duration::from_secs(2)).await;
+}

@@ -4,7 +4,9 @@ mod support;
 
 use std::time::Duration;
 
-use deferred_semaphore_redis::scripts::{AcquireReply, LeaseRef, Namespace, RenewReply, Scripts};
+use deferred_semaphore_redis::scripts::{
+    AcquireOutcome, AcquireReply, AcquireRequest, LeaseRef, Namespace, RenewReply, Scripts,
+};
 use futures_util::StreamExt;
 use redis::aio::ConnectionManager;
 use test_redis::{Persistence, RedisServer};
@@ -89,6 +91,38 @@ impl Fixture {
             .await
             .unwrap()
             .reply
+    }
+
+    /// Tries an acquire as the limiter "tok" with lease `id` and one extra
+    /// lease id per entry of `extra`.
+    async fn acquire_batch(
+        &mut self,
+        id: &str,
+        extra: &[&str],
+        key: Option<&str>,
+    ) -> AcquireOutcome {
+        let extra_lease_ids: Vec<String> = extra.iter().map(|id| id.to_string()).collect();
+        let request = AcquireRequest {
+            lease_id: id,
+            extra_lease_ids: &extra_lease_ids,
+            holder: "test",
+            key,
+            token: "tok",
+            fallback_lease: self.lease,
+            waiter_ttl: Duration::from_secs(3),
+            followers: extra.len(),
+        };
+        self.scripts
+            .acquire_batch(&mut self.con, &self.ns, &request)
+            .await
+            .unwrap()
+    }
+
+    fn lease_field(&self, id: &str, field: &str) -> String {
+        self.server
+            .command(&["HGET", &self.ns.lease_key(id), field])
+            .trim()
+            .to_owned()
     }
 
     async fn renew_expecting(&mut self, id: &str, expected_expiry_ms: u64) -> RenewReply {
@@ -511,4 +545,91 @@ async fn no_limits_start_no_grace() {
         wait <= Duration::from_millis(600),
         "grace {wait:?}, lease 600 ms"
     );
+}
+
+const EXTRA_IDS: [&str; 7] = ["e1", "e2", "e3", "e4", "e5", "e6", "e7"];
+
+#[tokio::test]
+async fn batch_grants_distinct_increasing_fences() {
+    let Some(mut f) = fixture(Duration::from_secs(5), 10).await else {
+        return;
+    };
+    let outcome = f.acquire_batch("own", &EXTRA_IDS[..4], None).await;
+    let first = fence(&outcome.reply);
+    assert_eq!(outcome.extra_fences.len(), 4);
+    assert_eq!(f.count(None), ":5");
+    let mut last = first;
+    for (id, next) in EXTRA_IDS[..4].iter().zip(&outcome.extra_fences) {
+        assert!(*next > last, "fence {next} after {last}");
+        assert_eq!(
+            f.lease_field(id, "fence"),
+            format!("${}\r\n{next}", next.to_string().len())
+        );
+        assert_ne!(f.score(id), "$-1");
+        last = *next;
+    }
+    assert_eq!(
+        f.meta("fence"),
+        format!("${}\r\n{last}", last.to_string().len())
+    );
+    // The next single grant continues above the batch.
+    let after = fence(&f.acquire("later", None).await);
+    assert!(after > last, "fence {after} after {last}");
+}
+
+#[tokio::test]
+async fn batch_stays_within_limits() {
+    let Some(mut f) = fixture(Duration::from_secs(5), 4).await else {
+        return;
+    };
+    let limits = f.ns.limits_key();
+    f.server.command(&["HSET", &limits, "k:a", "3"]);
+
+    // The key's limit of 3 cuts a batch of 8.
+    let outcome = f.acquire_batch("a0", &EXTRA_IDS, Some("a")).await;
+    fence(&outcome.reply);
+    assert_eq!(outcome.extra_fences.len(), 2);
+    assert_eq!(f.count(Some("a")), ":3");
+    assert_eq!(f.count(None), ":3");
+    assert_eq!(f.score("e3"), "$-1");
+
+    // One global place is left.
+    let outcome = f.acquire_batch("g0", &["g1", "g2"], None).await;
+    fence(&outcome.reply);
+    assert!(outcome.extra_fences.is_empty());
+    assert_eq!(f.count(None), ":4");
+    assert_eq!(f.score("g1"), "$-1");
+
+    // A full count grants nothing at all.
+    let outcome = f.acquire_batch("h0", &["h1"], None).await;
+    assert!(is_busy(&outcome.reply));
+    assert!(outcome.extra_fences.is_empty());
+    assert_eq!(f.count(None), ":4");
+}
+
+#[tokio::test]
+async fn batch_capped_by_fair_share() {
+    let Some(mut f) = fixture(Duration::from_secs(5), 8).await else {
+        return;
+    };
+    let ttl = Duration::from_secs(3);
+    let held: Vec<String> = (0..8).map(|i| format!("h{i}")).collect();
+    for id in &held {
+        fence(&f.acquire_as(id, "holder", ttl).await);
+    }
+    // Another limiter waits for the full global count.
+    assert!(is_busy(&f.acquire_as("o1", "other", ttl).await));
+    for id in &held {
+        f.release(id, None).await;
+    }
+
+    // Eight free places shared with one queued limiter: four for this batch.
+    let outcome = f.acquire_batch("own", &EXTRA_IDS, None).await;
+    fence(&outcome.reply);
+    assert_eq!(outcome.extra_fences.len(), 3);
+    assert_eq!(f.count(None), ":4");
+
+    // The other limiter still finds room.
+    fence(&f.acquire_as("o1", "other", ttl).await);
+    assert_eq!(f.count(None), ":5");
 }
