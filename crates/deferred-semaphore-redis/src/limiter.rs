@@ -26,9 +26,54 @@ use crate::{Holder, LimitChange, Limits, Options, MAX_LIMIT};
 /// time.
 const MIN_LEASE: Duration = Duration::from_millis(200);
 
-/// The maximum number of leases one acquire call asks for: the caller's
+/// The maximum number of leases one acquire call requests: the caller's
 /// own and one for each local waiter behind it at its gate.
 const MAX_BATCH: usize = 16;
+
+/// Pauses between tries while Redis cannot be reached: from 50 ms,
+/// doubling up to 1 s, until `patience` has passed since `since`.
+struct Backoff {
+    since: Option<Instant>,
+    pause: Duration,
+    patience: Duration,
+}
+
+impl Backoff {
+    /// Returns a backoff whose patience runs from the first failure.
+    fn new(patience: Duration) -> Self {
+        Self {
+            since: None,
+            pause: Duration::from_millis(50),
+            patience,
+        }
+    }
+
+    /// Returns a backoff whose patience runs from now.
+    fn started_now(patience: Duration) -> Self {
+        Self {
+            since: Some(Instant::now()),
+            ..Self::new(patience)
+        }
+    }
+
+    /// Restarts the patience at the next failure, after Redis answered.
+    fn answered(&mut self) {
+        self.since = None;
+    }
+
+    /// Sleeps before the next try, never past the patience. Returns the
+    /// time waited instead once the patience is spent.
+    async fn wait(&mut self) -> Result<(), Duration> {
+        let since = *self.since.get_or_insert_with(Instant::now);
+        let waited = since.elapsed();
+        if waited >= self.patience {
+            return Err(waited);
+        }
+        tokio::time::sleep(self.pause.min(self.patience - waited)).await;
+        self.pause = (self.pause * 2).min(Duration::from_secs(1));
+        Ok(())
+    }
+}
 
 /// The marker in `global_limit` for "no global limit known".
 const NO_LIMIT: u64 = u64::MAX;
@@ -172,8 +217,7 @@ impl Inner {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, CallError>>,
     {
-        let started = Instant::now();
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = Backoff::started_now(self.options.unavailable_after);
         loop {
             let timeout = self.call_timeout();
             let result = match tokio::time::timeout(timeout, op()).await {
@@ -184,12 +228,9 @@ impl Inner {
                 Ok(value) => return Ok(value),
                 Err(CallError::Failed(message)) => return Err(Error::Redis(message)),
                 Err(CallError::Unreachable(message)) => {
-                    let waited = started.elapsed();
-                    if waited >= self.options.unavailable_after {
+                    if let Err(waited) = backoff.wait().await {
                         return Err(self.unavailable(waited, message));
                     }
-                    tokio::time::sleep(backoff.min(self.options.unavailable_after - waited)).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
             }
         }
@@ -408,8 +449,7 @@ async fn acquire(inner: Arc<Inner>, key: Option<String>) -> Result<RedisPermit, 
     if let Some(mut queued) = gate.take_queued() {
         queued.wake.wait(queued.global_full, jitter(poll_max)).await;
     }
-    let mut failing_since: Option<Instant> = None;
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = Backoff::new(inner.options.unavailable_after);
     let mut restored = false;
     let mut check_server = false;
     loop {
@@ -418,15 +458,10 @@ async fn acquire(inner: Arc<Inner>, key: Option<String>) -> Result<RedisPermit, 
         // writes, so that this process is not granted beside holders whose
         // leases vanished.
         if check_server && !renew_all(&inner).await {
-            let since = *failing_since.get_or_insert_with(Instant::now);
-            let waited = since.elapsed();
-            let patience = inner.options.unavailable_after;
-            if waited >= patience {
+            if let Err(waited) = backoff.wait().await {
                 let message = "the renew call that checks the server failed".to_owned();
                 return Err(inner.unavailable(waited, message));
             }
-            tokio::time::sleep(backoff.min(patience - waited)).await;
-            backoff = (backoff * 2).min(Duration::from_secs(1));
             continue;
         }
         check_server = false;
@@ -450,12 +485,12 @@ async fn acquire(inner: Arc<Inner>, key: Option<String>) -> Result<RedisPermit, 
                 retry_in,
                 global_full,
             }) => {
-                failing_since = None;
+                backoff.answered();
                 wake.wait(global_full, jitter(retry_in.min(poll_max))).await;
                 continue;
             }
             Ok(Attempt::Grace { wait }) => {
-                failing_since = None;
+                backoff.answered();
                 tokio::time::sleep(jitter(wait.min(poll_max))).await;
                 continue;
             }
@@ -474,14 +509,9 @@ async fn acquire(inner: Arc<Inner>, key: Option<String>) -> Result<RedisPermit, 
             CallError::Failed(message) => return Err(Error::Redis(message)),
             CallError::Unreachable(message) => {
                 check_server = true;
-                let since = *failing_since.get_or_insert_with(Instant::now);
-                let waited = since.elapsed();
-                let patience = inner.options.unavailable_after;
-                if waited >= patience {
+                if let Err(waited) = backoff.wait().await {
                     return Err(inner.unavailable(waited, message));
                 }
-                tokio::time::sleep(backoff.min(patience - waited)).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         }
     }
@@ -542,24 +572,20 @@ impl RedisLimiter {
             .set_response_timeout(Some(Duration::from_secs(10)))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let started = Instant::now();
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = Backoff::started_now(options.unavailable_after);
         let con = loop {
             match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
                 Ok(con) => break con,
                 Err(error) => match CallError::from(error) {
                     CallError::Failed(message) => return Err(Error::Redis(message)),
                     CallError::Unreachable(message) => {
-                        let waited = started.elapsed();
-                        if waited >= options.unavailable_after {
+                        if let Err(waited) = backoff.wait().await {
                             return Err(Error::Unavailable {
                                 url: shown,
                                 waited,
                                 last_error: message,
                             });
                         }
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(1));
                     }
                 },
             }
