@@ -122,8 +122,8 @@ impl LimiterUrl {
     fn connect_url(&self) -> String {
         let mut url = Url::parse(&format!("redis://{}:{}", self.host, self.port))
             .expect("a parsed host and port make a valid URL");
-        // Setting a user name or password fails only for URLs without a
-        // host, and this one has one.
+        // `set_username` and `set_password` fail only for a URL without a
+        // host, and this URL was built with one.
         if let Some(user) = &self.user {
             let _ = url.set_username(user);
         }

@@ -190,7 +190,7 @@ impl<R: Runner> Attempts<'_, R> {
     ///
     /// The permit and the lease are dropped before each backoff, and
     /// `reacquire` gets a new permit after it (`None` when the limiter is
-    /// closed); `notify` hears of every step. Once the run is stopping, no
+    /// closed). `notify` receives every step. Once the run is stopping, no
     /// attempt starts: a retry that is still waiting ends as not started.
     pub async fn run<P, A, AF, N, NF>(
         &self,

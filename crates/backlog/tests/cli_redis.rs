@@ -294,8 +294,8 @@ fn finished_run_releases_its_leases_and_reports_grace() {
 fn run_says_why_it_waits_in_grace() {
     let Some(server) = redis() else { return };
     let url = limiter_url(&server, "grace");
-    // A new name grants nothing for one lease: 7 s, longer than the 5 s
-    // after which a run says why it waits.
+    // A new name grants nothing for one lease of 7 s. That is longer than
+    // the 5 s after which a run logs why it waits.
     set_limits(&url, &["--lease", "7s", "--global", "1"]);
     let output = Command::new(backlog_bin())
         .args(["run", "--limiter", &url, "-", "--", "true"])

@@ -135,7 +135,8 @@ impl LeaseState {
                 return;
             }
             tokio::select! {
-                // The sender lives in `self`, so this never fails.
+                // The sender is a field of `self`, which outlives this
+                // receiver, so `changed` cannot fail.
                 _ = receiver.changed() => {}
                 _ = tokio::time::sleep_until(deadline.into()) => {}
             }

@@ -284,10 +284,10 @@ end
 /// queue. A grant removes it from both.
 ///
 /// A grant also takes the first extra lease ids while both counts have
-/// room, but no more leases in all than the free places divided by one
-/// plus the number of live waiters of other limiters queued for these
-/// counts (at least the caller's one lease). Each lease gets its own fence,
-/// one above the one before.
+/// room. The leases in all are at most the free places divided by one plus
+/// the number of live waiters of other limiters queued for these counts,
+/// and at least the caller's one lease. Each lease gets its own fence, one
+/// above the one before.
 ///
 /// When more local waiters stand behind the caller than the grant took
 /// extra leases for, a grant that fills a count queues the member again at

@@ -127,8 +127,8 @@ impl Drop for WakeWatch {
     }
 }
 
-/// The longest one connection or subscription try may take, and the
-/// longest wait between tries.
+/// The time limit of one connection or subscription try, and the maximum
+/// wait between tries.
 pub(crate) const SUBSCRIBE_STEP: Duration = Duration::from_secs(2);
 
 /// Keeps one subscription to `channel` and dispatches its messages. After
@@ -191,7 +191,7 @@ struct GateState {
     queued: Option<QueuedWait>,
 }
 
-/// What a waiting task receives when it leaves the queue of a gate.
+/// The message a waiting task receives when it leaves the queue of a gate.
 #[derive(Debug)]
 enum Handoff {
     /// The turn to try Redis.
@@ -210,7 +210,7 @@ pub(crate) struct QueuedWait {
 /// The result of entering a gate.
 #[derive(Debug)]
 pub(crate) enum Entry {
-    /// The task holds the turn and tries Redis.
+    /// The task has the turn and tries Redis.
     Turn(Gate),
     /// An earlier task's batch granted this permit for the task.
     Granted(RedisPermit),
